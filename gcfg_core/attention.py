@@ -1,0 +1,43 @@
+"""Per-instance switch of ldm cross-attention to `torch.nn.functional.scaled_dot_product_attention`.
+
+ldm's `CrossAttention` materialises the full [B·heads, N, M] similarity matrix; SDPA computes the
+same softmax attention with fused (flash / memory-efficient) kernels. Only the given UNet's modules
+change class, so other models in the process (the WebUI's own) are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from ldm.modules.attention import CrossAttention
+from torch import nn
+
+logger = logging.getLogger("gcfg.attention")
+
+
+class SDPACrossAttention(CrossAttention):
+    """ldm `CrossAttention` (same parameters and keys) computed with `scaled_dot_product_attention`."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+        context = x if context is None else context
+        batch, heads = x.shape[0], self.heads
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = (t.reshape(batch, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+        attn_mask = None
+        if mask is not None:  # ldm's mask: [B, M...] booleans, True = attend
+            attn_mask = mask.reshape(batch, 1, 1, -1).to(torch.bool)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        out = out.transpose(1, 2).reshape(batch, x.shape[1], -1)
+        return self.to_out(out)
+
+
+def use_sdpa_attention(unet: nn.Module) -> None:
+    """Make every ldm `CrossAttention` of this UNet instance use SDPA (idempotent; weights and keys unchanged)."""
+    switched = 0
+    for module in unet.modules():
+        if type(module) is CrossAttention:
+            module.__class__ = SDPACrossAttention
+            switched += 1
+    logger.debug("switched %d cross-attention modules to SDPA", switched)
