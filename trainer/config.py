@@ -1,0 +1,422 @@
+"""The one training-job config shared by the command line and the WebUI tab.
+
+Defaults follow the paper (Cao et al. 2023, arXiv 2312.08195, §4.3 / appendix): AdamW, lr 1e-5, batch 32,
+512×512, every UNet parameter trainable, the calibrated null-text vectors frozen.
+
+Stored as JSON (`config.json` in the job folder), not TOML: the WebUI runs on Python 3.10, which has no
+`tomllib`, JSON needs no extra dependency on either side, and the tab's JavaScript reads it natively.
+Every field is declared once here, with its help text in the field metadata, so the CLI flags and the tab's
+widgets can be generated from `config_fields()` instead of being listed again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.io import atomic_write_text
+
+CONFIG_VERSION = 1
+CONFIG_FILENAME = "config.json"
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names every bad field, its value and what is allowed."""
+
+    def __init__(self, problems: str | list[str] | tuple[str, ...]):
+        self.problems: tuple[str, ...] = (problems,) if isinstance(problems, str) else tuple(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class ResizePolicy(str, enum.Enum):
+    """How a non-square image becomes `resolution`×`resolution` (square images are simply resized under both)."""
+
+    CENTER_CROP = "center-crop"  # scale the short side to `resolution`, crop the long side's centre
+    SQUASH = "squash"  # resize both sides to `resolution` without cropping (what the paper does for square data)
+
+
+class Optimizer(str, enum.Enum):
+    ADAMW = "adamw"  # torch.optim.AdamW, fp32 states (16 B/param with grads and weights)
+    ADAMW_8BIT = "adamw8bit"  # bitsandbytes AdamW8bit (the UniDiffusion reference config uses 8-bit Adam)
+
+
+class LRSchedule(str, enum.Enum):
+    CONSTANT = "constant"
+    COSINE = "cosine"  # cosine decay to 0 at max_steps, after warmup
+    LINEAR = "linear"  # linear decay to 0 at max_steps, after warmup
+
+
+class MixedPrecision(str, enum.Enum):
+    NO = "no"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A concept-UNet training job; construction coerces types and rejects bad values (`ConfigError`)."""
+
+    # --- where (required)
+    dataset_dir: str = field(metadata=_help("Folder of training images, searched recursively (jpg/png/webp/bmp)."))
+    base_checkpoint: str = field(metadata=_help("SD 1.5 checkpoint the concept UNet starts from (.safetensors/.ckpt)."))
+    job_dir: str = field(metadata=_help("Job folder: config, status, events, log, cache, checkpoints, previews."))
+    name: str = field(metadata=_help("Job name; letters, digits, '.', '_' and '-' (used in file names)."))
+    # --- data
+    resolution: int = field(default=512, metadata=_help("Training size in pixels (square, a multiple of 64)."))
+    resize_policy: ResizePolicy = field(
+        default=ResizePolicy.CENTER_CROP,
+        metadata=_help("Non-square images: 'center-crop' or 'squash' (resize without crop). Square: plain resize."))
+    min_image_size: int = field(
+        default=256,
+        metadata=_help("Images whose short side is below this many pixels are skipped and reported (0 = keep all)."))
+    flip: bool = field(default=False, metadata=_help("Also train on horizontally flipped copies (cached separately)."))
+    # --- optimisation (paper: AdamW, lr 1e-5, batch 32)
+    learning_rate: float = field(default=1e-5, metadata=_help("Peak learning rate (paper: 1e-5)."))
+    batch_size: int = field(
+        default=32, metadata=_help("Effective batch: over all processes and gradient accumulation (paper: 32)."))
+    micro_batch_size: int = field(default=4, metadata=_help("Images per process per forward pass (memory knob)."))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW β1."))
+    adam_beta2: float = field(default=0.999, metadata=_help("AdamW β2."))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW ε."))
+    weight_decay: float = field(default=1e-2, metadata=_help("AdamW decoupled weight decay."))
+    optimizer: Optimizer = field(default=Optimizer.ADAMW, metadata=_help("'adamw' or 'adamw8bit' (bitsandbytes)."))
+    lr_schedule: LRSchedule = field(
+        default=LRSchedule.CONSTANT, metadata=_help("'constant', 'cosine' or 'linear' (decay to 0 at max_steps)."))
+    warmup_steps: int = field(default=0, metadata=_help("Linear warm-up from 0, in optimizer steps."))
+    max_steps: int = field(default=10000, metadata=_help("Training length in optimizer steps."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm (0 = off)."))
+    mixed_precision: MixedPrecision = field(
+        default=MixedPrecision.BF16, metadata=_help("Autocast dtype: 'no', 'bf16' or 'fp16' (fp32 master weights)."))
+    gradient_checkpointing: bool = field(
+        default=True, metadata=_help("Recompute activations: less memory, ~30% slower."))
+    ema_decay: float = field(default=0.0, metadata=_help("EMA of the weights (0 = off, else in (0, 1), e.g. 0.9999)."))
+    min_snr_gamma: float = field(default=0.0, metadata=_help("Min-SNR loss weighting γ (0 = off; 5 is common)."))
+    noise_offset: float = field(default=0.0, metadata=_help("Noise offset (0 = off; 0.05-0.1 typical)."))
+    compile: bool = field(default=False, metadata=_help("torch.compile the UNet."))
+    seed: int = field(default=0, metadata=_help("Seed of data order, noise and timesteps (exact resume)."))
+    # --- checkpoints and previews
+    checkpoint_every_steps: int = field(default=500, metadata=_help("Save every N optimizer steps (0 = off)."))
+    checkpoint_every_minutes: float = field(default=30.0, metadata=_help("Also save every N minutes (0 = off)."))
+    keep_last: int = field(default=3, metadata=_help("Checkpoints kept on disk; older ones are deleted."))
+    preview_every_steps: int = field(default=500, metadata=_help("Preview grid every N steps (0 = off)."))
+    preview_prompts: tuple[str, ...] = field(
+        default=(), metadata=_help("Extra control prompts; the concept-only preview (no prompt) is always included."))
+    preview_seeds: tuple[int, ...] = field(default=(0, 1, 2, 3), metadata=_help("Fixed preview seeds."))
+    preview_concept_weight: float = field(default=2.5, metadata=_help("GCFG concept weight in previews (paper: 2.5)."))
+    preview_steps: int = field(default=25, metadata=_help("Sampler steps per preview (paper: 25)."))
+    preview_sampler: str = field(default="DPM++ 2M", metadata=_help("Preview sampler name (paper: DPM-Solver++)."))
+    # --- preparation and runtime
+    calibration_images: int = field(
+        default=64, metadata=_help("Images used to calibrate the null-text vectors (before step 0)."))
+    cache_batch_size: int = field(default=8, metadata=_help("Images per VAE forward when building the latent cache."))
+    num_workers: int = field(default=0, metadata=_help("Data loader worker processes (0 = main process)."))
+    device: str = field(default="auto", metadata=_help("'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'."))
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        for f in dataclasses.fields(self):
+            try:
+                object.__setattr__(self, f.name, _coerce(f, getattr(self, f.name)))
+            except ConfigError as e:
+                problems.extend(e.problems)
+        if not problems:  # range checks assume well-typed values
+            problems = _value_problems(self)
+        if problems:
+            raise ConfigError(problems)
+
+    # --- derived values
+
+    def gradient_accumulation(self, num_processes: int = 1) -> int:
+        """Micro-batches each process accumulates per optimizer step: batch / (micro_batch × processes)."""
+        if num_processes < 1:
+            raise ConfigError(f"num_processes={num_processes} must be ≥ 1")
+        per_step = self.micro_batch_size * num_processes
+        if self.batch_size % per_step:
+            suggestion = _round_up(self.batch_size, per_step)
+            raise ConfigError(
+                f"batch_size={self.batch_size} is not a multiple of micro_batch_size × processes = "
+                f"{self.micro_batch_size} × {num_processes}; use e.g. batch_size={suggestion}")
+        return self.batch_size // per_step
+
+    def validate(self, *, check_paths: bool = True, num_processes: int = 1) -> None:
+        """Re-check every value (all problems in one `ConfigError`), the process split and, optionally, the paths."""
+        problems = _value_problems(self)
+        try:
+            self.gradient_accumulation(num_processes)
+        except ConfigError as e:
+            problems.extend(e.problems)
+        if check_paths:
+            problems.extend(_path_problems(self))
+        if problems:
+            raise ConfigError(problems)
+
+    # --- (de)serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict: enums as their string values, tuples as lists."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`; unknown or missing required keys raise `ConfigError` naming them."""
+        data = dict(data)
+        version = data.pop("config_version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ConfigError(f"config_version={version!r} is not supported (this trainer reads {CONFIG_VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.name not in data)
+        if missing:
+            raise ConfigError(f"missing required config key(s): {', '.join(missing)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps({"config_version": CONFIG_VERSION, **self.to_dict()}, indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the config as JSON, atomically."""
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainConfig:
+        """Read a config written by `save` (values are validated; paths are not — call `validate`)."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from e
+        return cls.from_json(text)
+
+    def with_overrides(self, **overrides: Any) -> TrainConfig:
+        """A copy with some fields replaced (CLI flags); `None` means "not given" and is ignored."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **given)
+
+
+# Fields a resumed run may change. Everything else defines the run (data, model, randomness, optimiser kind)
+# and must stay as it was, or "resume" would silently become a different training (anchors-training.md,
+# complaint 3; sd-scripts #1110: users could not change the learning rate on resume).
+RESUME_MUTABLE_FIELDS: frozenset[str] = frozenset({
+    "job_dir", "name",
+    "learning_rate", "lr_schedule", "warmup_steps", "max_steps", "max_grad_norm",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay",
+    # Same effective batch and data order; only the split into forward passes changes (the OOM remedy).
+    "micro_batch_size", "gradient_checkpointing", "compile",
+    "checkpoint_every_steps", "checkpoint_every_minutes", "keep_last",
+    "preview_every_steps", "preview_prompts", "preview_seeds", "preview_concept_weight", "preview_steps",
+    "preview_sampler",
+    "calibration_images",  # only used before step 0; the calibrated vectors are in the checkpoint
+    "cache_batch_size", "num_workers", "device",
+})
+
+
+def check_resume_compatible(old: TrainConfig, new: TrainConfig) -> None:
+    """Raise `ConfigError` naming every field outside `RESUME_MUTABLE_FIELDS` whose value differs."""
+    changed = [f.name for f in dataclasses.fields(TrainConfig)
+               if f.name not in RESUME_MUTABLE_FIELDS and getattr(old, f.name) != getattr(new, f.name)]
+    if changed:
+        raise ConfigError([
+            f"{name} cannot change on resume (was {_show(getattr(old, name))}, now {_show(getattr(new, name))})"
+            for name in changed
+        ] + [f"fields that may change on resume: {', '.join(sorted(RESUME_MUTABLE_FIELDS))}"])
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One config field as a UI or CLI generator needs it."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    required: bool = False
+    resume_mutable: bool = False
+
+
+def config_fields() -> tuple[FieldSpec, ...]:
+    """Every `TrainConfig` field with its type, default, help text and choices (for CLI flags and UI widgets)."""
+    specs = []
+    for f in dataclasses.fields(TrainConfig):
+        kind = _FIELD_TYPES[f.name]
+        choices = tuple(m.value for m in kind) if isinstance(kind, type) and issubclass(kind, enum.Enum) else ()
+        required = f.default is dataclasses.MISSING
+        specs.append(FieldSpec(f.name, kind, None if required else f.default, f.metadata.get("help", ""),
+                               choices, required, f.name in RESUME_MUTABLE_FIELDS))
+    return tuple(specs)
+
+
+# --- coercion and validation (pure helpers)
+
+_FIELD_TYPES: dict[str, Any] = {
+    "dataset_dir": str, "base_checkpoint": str, "job_dir": str, "name": str,
+    "resolution": int, "resize_policy": ResizePolicy, "min_image_size": int, "flip": bool,
+    "learning_rate": float, "batch_size": int, "micro_batch_size": int, "adam_beta1": float, "adam_beta2": float,
+    "adam_epsilon": float, "weight_decay": float, "optimizer": Optimizer, "lr_schedule": LRSchedule,
+    "warmup_steps": int, "max_steps": int, "max_grad_norm": float, "mixed_precision": MixedPrecision,
+    "gradient_checkpointing": bool, "ema_decay": float, "min_snr_gamma": float, "noise_offset": float,
+    "compile": bool, "seed": int,
+    "checkpoint_every_steps": int, "checkpoint_every_minutes": float, "keep_last": int,
+    "preview_every_steps": int, "preview_prompts": tuple, "preview_seeds": tuple,
+    "preview_concept_weight": float, "preview_steps": int, "preview_sampler": str,
+    "calibration_images": int, "cache_batch_size": int, "num_workers": int, "device": str,
+}
+_TUPLE_ITEM_TYPES = {"preview_prompts": str, "preview_seeds": int}
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_MAX_SEED = 2**32 - 1  # numpy's limit; torch accepts more but the loop may seed numpy too
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        return repr(value.value)
+    if isinstance(value, tuple):
+        return repr(list(value))
+    return repr(value)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return max(multiple, -(-value // multiple) * multiple)
+
+
+def _coerce_scalar(name: str, kind: Any, value: Any) -> Any:
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        try:
+            return kind(value.value if isinstance(value, enum.Enum) else value)
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in kind)
+            raise ConfigError(f"{name}={value!r} is not one of {allowed}") from None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}={value!r} must be true or false")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name}={value!r} must be an integer")
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name}={value!r} must be a number")
+    if kind is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}={value!r} must be a string")
+    raise AssertionError(f"no coercion for {name}")
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    kind = _FIELD_TYPES[f.name]
+    if kind is tuple:
+        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+            raise ConfigError(f"{f.name}={value!r} must be a list")
+        item_kind = _TUPLE_ITEM_TYPES[f.name]
+        return tuple(_coerce_scalar(f"{f.name}[{i}]", item_kind, v) for i, v in enumerate(value))
+    return _coerce_scalar(f.name, kind, value)
+
+
+def _value_problems(c: TrainConfig) -> list[str]:
+    """Every out-of-range value, one message each naming the field, the value and what is allowed."""
+    p: list[str] = []
+
+    def need(ok: bool, name: str, allowed: str) -> None:
+        if not ok:
+            p.append(f"{name}={_show(getattr(c, name))} {allowed}")
+
+    def finite(name: str) -> bool:
+        return math.isfinite(getattr(c, name))
+
+    for name in ("dataset_dir", "base_checkpoint", "job_dir"):
+        need(bool(getattr(c, name).strip()), name, "must not be empty")
+    need(bool(_NAME_RE.match(c.name)), "name", "must be 1-100 letters, digits, '.', '_' or '-' (not starting with '.')")
+    need(64 <= c.resolution <= 4096 and c.resolution % 64 == 0, "resolution",
+         "must be a multiple of 64 between 64 and 4096 (the VAE downsamples 8×, the UNet 8× more)")
+    need(c.min_image_size >= 0, "min_image_size", "must be ≥ 0 (0 = keep every size)")
+    need(finite("learning_rate") and 0 < c.learning_rate <= 1, "learning_rate", "must be in (0, 1] (paper: 1e-5)")
+    need(c.micro_batch_size >= 1, "micro_batch_size", "must be ≥ 1")
+    need(c.batch_size >= 1, "batch_size", "must be ≥ 1")
+    if c.batch_size >= 1 and c.micro_batch_size >= 1 and c.batch_size % c.micro_batch_size:
+        p.append(f"batch_size={c.batch_size} is not a multiple of micro_batch_size × processes = "
+                 f"{c.micro_batch_size} × 1; use e.g. batch_size={_round_up(c.batch_size, c.micro_batch_size)}")
+    need(0 <= c.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
+    need(0 <= c.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
+    need(finite("adam_epsilon") and c.adam_epsilon > 0, "adam_epsilon", "must be > 0")
+    need(finite("weight_decay") and c.weight_decay >= 0, "weight_decay", "must be ≥ 0")
+    need(c.max_steps >= 1, "max_steps", "must be ≥ 1")
+    need(0 <= c.warmup_steps <= max(c.max_steps, 0), "warmup_steps", f"must be in [0, max_steps={c.max_steps}]")
+    need(finite("max_grad_norm") and c.max_grad_norm >= 0, "max_grad_norm", "must be ≥ 0 (0 = no clipping)")
+    need(c.ema_decay == 0 or 0 < c.ema_decay < 1, "ema_decay", "must be 0 (off) or in (0, 1)")
+    need(finite("min_snr_gamma") and c.min_snr_gamma >= 0, "min_snr_gamma", "must be ≥ 0 (0 = off)")
+    need(finite("noise_offset") and 0 <= c.noise_offset <= 1, "noise_offset", "must be in [0, 1] (0 = off)")
+    need(0 <= c.seed <= _MAX_SEED, "seed", f"must be in [0, {_MAX_SEED}]")
+    need(c.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be ≥ 0 (0 = off)")
+    need(finite("checkpoint_every_minutes") and c.checkpoint_every_minutes >= 0, "checkpoint_every_minutes",
+         "must be ≥ 0 (0 = off)")
+    need(c.keep_last >= 1, "keep_last", "must be ≥ 1")
+    need(c.preview_every_steps >= 0, "preview_every_steps", "must be ≥ 0 (0 = off)")
+    need(all(s.strip() for s in c.preview_prompts), "preview_prompts", "must not contain empty prompts "
+         "(the concept-only preview is always included)")
+    need(all(0 <= s <= _MAX_SEED for s in c.preview_seeds), "preview_seeds", f"must all be in [0, {_MAX_SEED}]")
+    need(bool(c.preview_seeds) or c.preview_every_steps == 0, "preview_seeds",
+         "must not be empty while previews are on (preview_every_steps > 0)")
+    need(finite("preview_concept_weight"), "preview_concept_weight", "must be a finite number")
+    need(c.preview_steps >= 1, "preview_steps", "must be ≥ 1")
+    need(bool(c.preview_sampler.strip()), "preview_sampler", "must not be empty")
+    need(c.calibration_images >= 1, "calibration_images", "must be ≥ 1")
+    need(c.cache_batch_size >= 1, "cache_batch_size", "must be ≥ 1")
+    need(c.num_workers >= 0, "num_workers", "must be ≥ 0")
+    need(bool(_DEVICE_RE.match(c.device)), "device", "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    return p
+
+
+def _path_problems(c: TrainConfig) -> list[str]:
+    p = []
+    if not Path(c.dataset_dir).is_dir():
+        p.append(f"dataset_dir={c.dataset_dir!r} is not an existing folder")
+    if not Path(c.base_checkpoint).is_file():
+        p.append(f"base_checkpoint={c.base_checkpoint!r} is not an existing file")
+    job = Path(c.job_dir)
+    if job.exists() and not job.is_dir():
+        p.append(f"job_dir={c.job_dir!r} exists and is not a folder")
+    return p

@@ -1,0 +1,264 @@
+"""Training images: scan a folder, reject what cannot be used (reported, never fatal), load to a square tensor.
+
+Policies (documented once, here):
+
+* **Files.** Every file under the folder, recursively, whose extension is in `IMAGE_EXTENSIONS`
+  (case-insensitive). Hidden folders and hidden files (name starting with '.', e.g. `.cache/`, macOS `._x.jpg`)
+  are not visited. Other files (captions, `.txt`) are ignored: the concept UNet is trained without text.
+  Order is the sorted relative POSIX path, so two scans of the same folder agree on every index.
+* **Bad files.** Zero-byte, truncated, corrupt, not-an-image or decompression-bomb files are listed in
+  `DatasetScan.skipped` with the reason and left out; a scan only fails when the folder is missing or has no
+  usable image at all.
+* **Minimum size.** An image whose short side (after EXIF rotation) is below `min_image_size` is skipped and
+  reported, so no image is upscaled more than `resolution / min_image_size` (2× at the defaults 512 / 256).
+* **Colour.** EXIF orientation is applied. Transparent images (RGBA, LA, palette with transparency) are
+  composited on **white**, the usual background of cut-out product and portrait images; compositing on black
+  would teach the model dark halos. Greyscale, palette, CMYK and bilevel images become RGB; 16-bit greyscale is
+  scaled (not clipped) to 8 bits.
+* **Resize** (`ResizePolicy`), one LANCZOS resampling from the original pixels (antialiased when shrinking):
+  square images are resized under every policy; non-square images are either centre-cropped to their
+  largest central square (`center-crop`, default) or resized to a square without cropping (`squash`, what the
+  paper does for its square FFHQ/AFHQ data, distorts non-square images).
+  Aspect-ratio buckets are not supported yet: training is square at `resolution`.
+* **Fingerprint.** sha256 over the sorted (relative path, size in bytes, mtime in ns) of the usable images.
+  It identifies the file set, not the training settings: the latent cache key adds resolution, resize policy,
+  flips and the VAE. Copying a dataset elsewhere keeps relative paths and sizes but may change mtimes, which
+  then (correctly, if cautiously) rebuilds the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from trainer.config import ResizePolicy
+
+log = logging.getLogger("gcfg.trainer.data")
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+FINGERPRINT_VERSION = "gcfg-dataset-v1"
+_EXIF_ORIENTATION = 0x0112
+_SWAPS_AXES = {5, 6, 7, 8}  # EXIF orientations that rotate by 90° or 270°
+
+
+class DatasetError(ValueError):
+    """The dataset folder is missing or holds no usable image."""
+
+
+class ImageLoadError(ValueError):
+    """An image that passed the scan can no longer be read (changed or removed since)."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """A usable image; `width`/`height` are after EXIF rotation."""
+
+    path: str
+    width: int
+    height: int
+    size_bytes: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DatasetScan:
+    """Usable images in deterministic order, skipped files with reasons, and the file-set fingerprint."""
+
+    images: tuple[ImageRecord, ...]
+    skipped: tuple[SkippedFile, ...]
+    fingerprint: str
+    root: str = ""
+
+    def summary(self) -> str:
+        return f"{len(self.images)} usable image(s) in {self.root!r}, {len(self.skipped)} skipped"
+
+    def skipped_report(self) -> str:
+        """One line per skipped file, `path<TAB>reason`, for the job log or a file beside it."""
+        return "".join(f"{s.path}\t{s.reason}\n" for s in self.skipped)
+
+    def to_json(self) -> str:
+        return json.dumps({"root": self.root, "fingerprint": self.fingerprint,
+                           "images": [asdict(r) for r in self.images],
+                           "skipped": [asdict(s) for s in self.skipped]})
+
+    @classmethod
+    def from_json(cls, text: str) -> DatasetScan:
+        data = json.loads(text)
+        return cls(tuple(ImageRecord(**r) for r in data["images"]), tuple(SkippedFile(**s) for s in data["skipped"]),
+                   data["fingerprint"], data.get("root", ""))
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """Image-extension files under `folder`, recursively, hidden entries excluded, sorted by relative path."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]  # prune: os.walk honours in-place edits
+        for name in filenames:
+            if not _is_hidden(name) and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(Path(dirpath) / name)
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def dataset_fingerprint(root: Path | str, images: Sequence[ImageRecord]) -> str:
+    """sha256 of the sorted (relative path, size, mtime_ns) triples of `images`."""
+    h = hashlib.sha256(FINGERPRINT_VERSION.encode())
+    for rel, size, mtime in sorted((Path(r.path).relative_to(root).as_posix(), r.size_bytes, r.mtime_ns)
+                                   for r in images):
+        h.update(f"\0{rel}\0{size}\0{mtime}".encode())
+    return h.hexdigest()
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    w, h = img.size
+    return (h, w) if orientation in _SWAPS_AXES else (w, h)
+
+
+def _check_file(path: Path, min_image_size: int, verify: bool) -> ImageRecord | SkippedFile:
+    """Open (and with `verify`, fully decode) one file; a record if usable, else the reason it is not."""
+    try:
+        st = path.stat()
+        if st.st_size == 0:
+            return SkippedFile(str(path), "empty file (0 bytes)")
+        with Image.open(path) as img:
+            width, height = _oriented_size(img)
+            if verify:
+                img.load()  # full decode: catches truncated and corrupt data that the header alone does not show
+    except Image.DecompressionBombError as e:
+        return SkippedFile(str(path), f"too many pixels (decompression-bomb guard): {e}")
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # UnidentifiedImageError is an OSError
+        return SkippedFile(str(path), f"unreadable image: {type(e).__name__}: {e}")
+    if min(width, height) < min_image_size:
+        return SkippedFile(str(path), f"too small: {width}×{height} px, short side < min_image_size={min_image_size}")
+    return ImageRecord(str(path), width, height, st.st_size, st.st_mtime_ns)
+
+
+def scan_dataset(
+    folder: str | os.PathLike,
+    *,
+    min_image_size: int,
+    verify: bool = True,
+    previous: DatasetScan | None = None,
+    workers: int | None = None,
+    progress_callback: Callable[[int, int], None] | None = None,
+) -> DatasetScan:
+    """List the usable images of `folder` and the skipped files with reasons (see the module docstring).
+
+    `previous`: an earlier scan of the same folder; files whose size and mtime are unchanged reuse its record
+    instead of being decoded again (a resume over 70k images then takes seconds). Decoding runs in `workers`
+    threads (PIL releases the GIL while decoding).
+    """
+    root = Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {str(folder)!r} does not exist or is not a folder")
+    files = list_image_files(root)
+    known = {(r.path, r.size_bytes, r.mtime_ns): r for r in previous.images} if previous else {}
+
+    def check(path: Path) -> ImageRecord | SkippedFile:
+        try:
+            st = path.stat()
+        except OSError as e:
+            return SkippedFile(str(path), f"cannot stat: {e}")
+        reused = known.get((str(path), st.st_size, st.st_mtime_ns))
+        if reused is not None and min(reused.width, reused.height) >= min_image_size:
+            return reused
+        return _check_file(path, min_image_size, verify)
+
+    results: list[ImageRecord | SkippedFile] = []
+    n_workers = workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        for i, result in enumerate(pool.map(check, files), start=1):
+            results.append(result)
+            if progress_callback is not None:
+                progress_callback(i, len(files))
+    images = tuple(r for r in results if isinstance(r, ImageRecord))
+    skipped = tuple(r for r in results if isinstance(r, SkippedFile))
+    for s in skipped:
+        log.warning("skipping %s: %s", s.path, s.reason)
+    if not images:
+        detail = f"; {len(skipped)} skipped, e.g. {skipped[0].path}: {skipped[0].reason}" if skipped else ""
+        raise DatasetError(f"dataset folder {str(folder)!r} has no usable image "
+                           f"(extensions {', '.join(sorted(IMAGE_EXTENSIONS))}){detail}")
+    scan = DatasetScan(images, skipped, dataset_fingerprint(root, images), str(root))
+    log.info("%s", scan.summary())
+    return scan
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency composited on white, 16-bit scaled (see module docstring)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # PIL's convert("L") clips 16-bit values at 255 instead of scaling them.
+        arr = np.asarray(img, dtype=np.float64) / 65535.0
+        img = Image.fromarray(np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_to_square(img: Image.Image, resolution: int, policy: ResizePolicy) -> Image.Image:
+    """One LANCZOS resampling to `resolution`² (centre square crop or squash for non-square images)."""
+    w, h = img.size
+    box: tuple[float, float, float, float] = (0.0, 0.0, float(w), float(h))
+    if w != h and ResizePolicy(policy) is ResizePolicy.CENTER_CROP:
+        side = min(w, h)
+        left, top = (w - side) / 2, (h - side) / 2
+        box = (left, top, left + side, top + side)
+    return img.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """8-bit RGB PIL image → float32 tensor [3, H, W] in [-1, 1] (the SD VAE's input range)."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def load_image(record_or_path: ImageRecord | str | os.PathLike, resolution: int,
+               policy: ResizePolicy | str = ResizePolicy.CENTER_CROP) -> torch.Tensor:
+    """Decode, orient, convert to RGB and resize one image; tensor [3, resolution, resolution] in [-1, 1]."""
+    path = record_or_path.path if isinstance(record_or_path, ImageRecord) else os.fspath(record_or_path)
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageLoadError(f"cannot read image {path!r} (changed since the dataset scan?): {e}") from e
+    return pil_to_tensor(resize_to_square(img, resolution, ResizePolicy(policy)))
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """The scanned images as tensors, for a DataLoader (the latent-cache build uses it with workers)."""
+
+    def __init__(self, images: Sequence[ImageRecord], resolution: int, policy: ResizePolicy | str):
+        self.images = tuple(images)
+        self.resolution = resolution
+        self.policy = ResizePolicy(policy)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return load_image(self.images[index], self.resolution, self.policy)
