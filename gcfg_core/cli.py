@@ -1,0 +1,178 @@
+"""Command line: ``python -m gcfg_core sample ...`` — GCFG text-to-image outside the WebUI.
+
+Writes ``NNNNN-<seed>.png`` files carrying WebUI `parameters` text (the WebUI's PNG Info reads them) and prints
+their paths on stdout; the progress bar goes to stderr. Bad input prints one line and exits with code 2.
+``--demo`` builds tiny random models in memory, so the command runs in seconds with no files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from gcfg_core.params import PARAMS_BY_NAME, GCFGSettings
+from gcfg_core.syntax import TermSyntaxError, format_terms, parse_terms
+
+logger = logging.getLogger("gcfg.cli")
+
+EXIT_USAGE = 2
+_OUTPUT_NAME = re.compile(r"^(\d{5})-")
+
+
+class CliError(ValueError):
+    """A usage problem reported as one line."""
+
+
+def _scale(text: str) -> float | None:
+    if text.strip().lower() == "classic":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'classic', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m gcfg_core", description="Generalized classifier-free guidance "
+                                     "(arXiv 2312.08195) for SD 1.x, outside the WebUI.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sample = commands.add_parser("sample", help="generate images with GCFG",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    models = sample.add_argument_group("models")
+    models.add_argument("--prior", type=Path, help="SD 1.x checkpoint for the unconditional term (e.g. base SD 1.5)")
+    models.add_argument("--model", type=Path, help="SD 1.x checkpoint for the prompts (default: the prior)")
+    models.add_argument("--concept", type=Path, help="concept model file (.safetensors, text-free UNet)")
+    models.add_argument("--concept-weight", type=float, default=PARAMS_BY_NAME["concept_weight"].default,
+                        help=PARAMS_BY_NAME["concept_weight"].help)
+    models.add_argument("--demo", action="store_true",
+                        help="use tiny random models built in memory (no files; defaults to 64x64, 8 steps)")
+    prompts = sample.add_argument_group("prompts")
+    prompts.add_argument("--prompt", default="", help="the prompt (weight: --cfg-scale)")
+    prompts.add_argument("--negative-prompt", default="", help="the negative prompt")
+    prompts.add_argument("--negative-scale", type=_scale, default=None,
+                         help="negative prompt weight, or 'classic' (1 - CFG scale) [default: classic]")
+    prompts.add_argument("--term", action="append", default=[], metavar="TERM",
+                         help="extra term, repeatable: '<weight> [@model] [{start-end}] <prompt>', e.g. "
+                              "'+4 in Van Gogh style'")
+    run = sample.add_argument_group("sampling")
+    run.add_argument("--sampler", default="Euler", help="k-diffusion sampler by its WebUI name")
+    run.add_argument("--scheduler", default="Automatic", help="schedule type: Automatic, Uniform, Karras, Exponential")
+    run.add_argument("--steps", type=int, default=None, help="sampling steps [default: 20, or 8 with --demo]")
+    run.add_argument("--cfg-scale", type=float, default=7.0)
+    run.add_argument("--seed", type=int, default=-1, help="-1 = random; image i uses seed + i")
+    run.add_argument("--width", type=int, default=None, help="[default: 512, or 64 with --demo]")
+    run.add_argument("--height", type=int, default=None, help="[default: 512, or 64 with --demo]")
+    run.add_argument("--batch-size", type=int, default=1)
+    run.add_argument("--clip-skip", type=int, default=1)
+    run.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    return parser
+
+
+def _terms_text(lines: Sequence[str]) -> str:
+    """The --term values as one terms box; each value must hold exactly one term."""
+    for index, line in enumerate(lines, start=1):
+        try:
+            terms = parse_terms(line)
+        except TermSyntaxError as error:
+            raise CliError(f"--term #{index} {line!r}: column {error.column}: expected {error.expected}") from None
+        if len(terms) != 1:
+            raise CliError(f"--term #{index} {line!r}: expected exactly one term")
+    return format_terms(term for line in lines for term in parse_terms(line))
+
+
+def _demo_models():
+    """(prior, main, concept UNet): tiny random SD 1.x-shaped models, deterministic."""
+    from gcfg_core.configs import TINY
+    from gcfg_core.models import random_sd_model
+    from gcfg_core.nulltext import convert_to_nulltext, transformer_block_names
+
+    prior, main = random_sd_model(TINY, seed=1), random_sd_model(TINY, seed=0)
+    concept = random_sd_model(TINY, seed=2).unet
+    generator = torch.Generator().manual_seed(2)
+    vectors = {name: torch.randn(concept.get_submodule(name).norm1.normalized_shape[0], generator=generator) * 0.1
+               for name in transformer_block_names(concept)}
+    return prior, main, convert_to_nulltext(concept, vectors)
+
+
+def _load_models(args: argparse.Namespace):
+    from gcfg_core.concept_file import load_concept_model
+    from gcfg_core.models import load_sd_checkpoint
+
+    if args.prior is None:
+        raise CliError("--prior PATH is required (or use --demo)")
+    for flag, path in (("--prior", args.prior), ("--model", args.model), ("--concept", args.concept)):
+        if path is not None and not path.is_file():
+            raise CliError(f"{flag}: file not found: {path}")
+    prior = load_sd_checkpoint(args.prior, device=args.device)
+    main = load_sd_checkpoint(args.model, device=args.device) if args.model else prior
+    concept = None
+    if args.concept is not None:
+        concept, _metadata = load_concept_model(args.concept, device=args.device)
+    return prior, main, concept
+
+
+def _next_index(out: Path) -> int:
+    numbers = [int(match.group(1)) for path in out.glob("*.png") if (match := _OUTPUT_NAME.match(path.name))]
+    return max(numbers, default=-1) + 1
+
+
+def run_sample(args: argparse.Namespace) -> list[Path]:
+    from gcfg_core.pipeline import GenerationRequest, generate
+    from gcfg_core.pngmeta import save_png
+
+    demo_size = 64 if args.demo else 512
+    if args.demo:
+        prior, main, concept = _demo_models()
+        concept_name = "demo-concept"
+    else:
+        prior, main, concept = _load_models(args)
+        concept_name = args.concept.name if args.concept else ""
+    settings = GCFGSettings(
+        enabled=True,
+        prior=prior.name if main is not prior else "",
+        concept=concept_name if concept is not None else "",
+        concept_weight=args.concept_weight,
+        negative_scale=args.negative_scale,
+        terms=_terms_text(args.term),
+    )
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
+        steps=args.steps if args.steps is not None else (8 if args.demo else 20),
+        sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
+        width=args.width if args.width is not None else demo_size,
+        height=args.height if args.height is not None else demo_size,
+        batch_size=args.batch_size, clip_skip=args.clip_skip, gcfg=settings,
+    )
+    result = generate(request, prior=prior, main=main, concept_unet=concept, progress=not args.no_progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = _next_index(args.out)
+    paths = []
+    for offset, (image, seed, infotext) in enumerate(zip(result.images, result.seeds, result.infotexts, strict=True)):
+        paths.append(save_png(image, args.out / f"{start + offset:05d}-{seed}.png", infotext))
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(name)s: %(message)s")
+    try:
+        # ldm prints build messages on stdout, which is reserved for the saved paths.
+        with contextlib.redirect_stdout(sys.stderr):
+            paths = run_sample(args)
+    except (ValueError, OSError) as error:  # bad input (incl. checkpoint/concept/term errors) or unreadable files
+        sys.stderr.write(f"error: {error}\n")
+        return EXIT_USAGE
+    for path in paths:
+        sys.stdout.write(f"{path}\n")
+    return 0

@@ -1,0 +1,201 @@
+"""k-diffusion denoisers: one ldm UNet (`UNetDenoiser`) and the GCFG combination of several (`GCFGDenoiser`).
+
+Both follow the k-diffusion model contract ``model(x, sigma, **extra) -> denoised`` (Karras et al. 2022 notation:
+``x = x₀ + σ·noise``), so every k-diffusion sampler can drive them.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from gcfg_core.guidance import combine
+from gcfg_core.kdiff import k_diffusion_modules
+from gcfg_core.terms import GuidancePlan
+
+logger = logging.getLogger("gcfg.denoiser")
+
+# Two sigmas closer than this (relatively) are the same schedule point (float32 vs float64 copies of one value).
+_SIGMA_RTOL = 1e-5
+
+
+class Prediction(str, enum.Enum):
+    """What a UNet predicts (the names are diffusers' `prediction_type` values)."""
+
+    EPS = "epsilon"
+    X0 = "sample"
+    V = "v_prediction"
+
+
+class Denoiser(Protocol):
+    """A k-diffusion denoiser that takes the cross-attention context as `context` (None: a text-free model)."""
+
+    def __call__(self, x: Tensor, sigma: Tensor, *, context: Tensor | None = None) -> Tensor: ...
+
+
+class UNetDenoiser(nn.Module):
+    """k-diffusion wrapper of an ldm UNet ``unet(x_t, t, context=...)`` on the DDPM schedule ``alphas_cumprod``.
+
+    EPS is k-diffusion's `CompVisDenoiser`, V its `CompVisVDenoiser` (same scalings, no `apply_model` needed);
+    X0 returns the UNet output as is. The UNet sees ``x·c_in`` (= x_t) and the fractional timestep of σ.
+    """
+
+    def __init__(self, unet: nn.Module, alphas_cumprod: Tensor, prediction: Prediction = Prediction.EPS,
+                 *, quantize: bool = False) -> None:
+        super().__init__()
+        _, external = k_diffusion_modules()
+        self.unet = unet
+        self.prediction = Prediction(prediction)
+        alphas_cumprod = alphas_cumprod.detach().float().cpu()
+        self.schedule = external.DiscreteSchedule(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5, quantize)
+
+    @property
+    def sigma_min(self) -> Tensor:
+        return self.schedule.sigma_min
+
+    @property
+    def sigma_max(self) -> Tensor:
+        return self.schedule.sigma_max
+
+    def get_sigmas(self, steps: int) -> Tensor:
+        """The schedule's own `steps` sigmas, evenly spaced in t, plus a final 0 (the WebUI's "Uniform")."""
+        return self.schedule.get_sigmas(steps)
+
+    def forward(self, x: Tensor, sigma: Tensor, *, context: Tensor | None = None) -> Tensor:
+        sigma = sigma.to(self.schedule.sigmas.device)
+        view = (-1,) + (1,) * (x.dim() - 1)
+        sigma_x = sigma.to(x.dtype).reshape(view)
+        c_in = (sigma_x**2 + 1) ** -0.5
+        t = self.schedule.sigma_to_t(sigma).to(x.device)
+        output = self.unet(x * c_in, t, context=context).to(x.dtype)
+        if self.prediction is Prediction.EPS:
+            return x - sigma_x * output
+        if self.prediction is Prediction.V:
+            return x * c_in**2 - output * sigma_x * c_in
+        return output
+
+
+def step_index(sigma: float, sigmas: Tensor) -> int:
+    """The 0-based sampler step that evaluates at `sigma`, for the descending schedule `sigmas` (last one 0).
+
+    Step i covers ``sigmas[i] ≥ σ > sigmas[i+1]``: the step's first evaluation is at ``sigmas[i]`` and the
+    midpoint evaluations of DPM2, DPM++ 2S a and DPM++ SDE lie strictly between. Heun's corrector evaluates at
+    exactly ``sigmas[i+1]`` and so belongs to step i+1; that keeps the guided denoiser a function of (x, σ), as
+    ODE solvers assume. The index comes from σ's position in the schedule, never from a call counter (samplers
+    call the model once per step or more). σ above ``sigmas[0]`` counts as step 0.
+    """
+    count = int(sigmas.shape[0]) - 1
+    inner = sigmas[1:count].tolist()  # sigmas[1] .. sigmas[n-1]
+    return sum(1 for s in inner if sigma <= s * (1 + _SIGMA_RTOL))
+
+
+def _lookup_cond(conds: Mapping, model: str, cond: str | None) -> Tensor | None:
+    if cond is None:
+        return None
+    for key in ((model, cond), cond):
+        if key in conds:
+            return conds[key]
+    raise ValueError(f"no encoded condition for model {model!r} and prompt {cond!r}")
+
+
+class GCFGDenoiser:
+    """A k-diffusion model evaluating a `GuidancePlan` with one batched call per distinct model (GCFG, Eq. 3).
+
+    Args:
+        models: model name → `Denoiser`. Names mapping to the same object share one call.
+        plan: the terms; at each step `GuidancePlan.coefficients` decides what is evaluated.
+        conds: encoded prompts, ``[T, C]`` (every image), ``[1, T, C]`` or ``[B, T, C]`` (one per image), looked up
+            by ``(model, prompt)`` first and then by ``prompt``, so that models with different text encoders can
+            each have their own encoding. A None prompt is called with ``context=None`` (text-free concept UNet).
+        sigmas: the sampler's schedule (descending, last 0); the step index of each call is read from it
+            (`step_index`) and `steps` is ``len(sigmas) − 1``.
+
+    Per call: the active (model, prompt) pairs with non-zero coefficient are grouped by model; each model runs
+    once on ``[pairs × B]`` rows (x repeated, the contexts stacked). Contexts of different token lengths
+    (75-token chunks) for the same model go into separate calls instead of being padded, which is exact and is
+    what the WebUI does by default. The x₀ predictions are combined with `gcfg_core.guidance.combine`. Rows are
+    per image, so images of a batch never influence each other.
+    """
+
+    def __init__(self, models: Mapping[str, Callable[..., Tensor]], plan: GuidancePlan, conds: Mapping,
+                 sigmas: Tensor) -> None:
+        if sigmas.dim() != 1 or sigmas.shape[0] < 2:
+            raise ValueError(f"sigmas must be a 1-d schedule of at least 2 values, got shape {list(sigmas.shape)}")
+        missing = sorted(plan.models() - set(models))
+        if missing:
+            raise ValueError(f"the plan uses model(s) {missing} but only {sorted(models)} are available")
+        for term in (plan.uncond_term, *plan.terms):
+            _lookup_cond(conds, term.model, term.cond)
+        self.models = dict(models)
+        self.plan = plan
+        self.conds = conds
+        self.sigmas = sigmas.detach().double().cpu()
+        self.steps = int(sigmas.shape[0]) - 1
+        self.calls = 0
+        self.unet_rows = 0
+        self.last_step: int | None = None
+        self._contexts: dict[tuple, Tensor | None] = {}
+
+    def step_index(self, sigma: Tensor) -> int:
+        return step_index(float(sigma.reshape(-1)[0]), self.sigmas)
+
+    def _context(self, keys: tuple[tuple[str, str | None], ...], batch: int, like: Tensor) -> Tensor | None:
+        cache_key = (keys, batch, like.device)
+        if cache_key not in self._contexts:
+            parts = [_lookup_cond(self.conds, model, cond) for model, cond in keys]
+            if parts[0] is None:
+                self._contexts[cache_key] = None
+            else:
+                rows = [part.reshape(-1, *part.shape[-2:]).expand(batch, -1, -1) for part in parts]
+                self._contexts[cache_key] = torch.cat(rows).to(like.device)
+        return self._contexts[cache_key]
+
+    def _call_groups(self, keys: list[tuple[str, str | None]]) -> list[tuple[object, tuple]]:
+        """(denoiser, keys) per call: keys grouped by denoiser object, then by context length."""
+        groups: dict[tuple[int, int | None], tuple[object, list]] = {}
+        for model, cond in keys:
+            denoiser = self.models[model]
+            context = _lookup_cond(self.conds, model, cond)
+            length = None if context is None else int(context.shape[-2])
+            groups.setdefault((id(denoiser), length), (denoiser, []))[1].append((model, cond))
+        return [(denoiser, tuple(group)) for denoiser, group in groups.values()]
+
+    def __call__(self, x: Tensor, sigma: Tensor, **extra) -> Tensor:
+        if extra:
+            logger.debug("ignoring extra sampler arguments %s", sorted(extra))
+        step = self.step_index(sigma)
+        self.last_step = step
+        coefficients: dict[tuple[str, str | None], float] = {}
+        for term, coefficient in self.plan.coefficients(step, self.steps):
+            coefficients[term.key] = coefficients.get(term.key, 0.0) + coefficient
+        keys = [key for key, coefficient in coefficients.items() if coefficient != 0.0]
+        if not keys:
+            raise ValueError(f"every guidance coefficient is 0 at step {step}: nothing to evaluate")
+
+        batch = x.shape[0]
+        predictions: dict[tuple[str, str | None], Tensor] = {}
+        for denoiser, group in self._call_groups(keys):
+            n = len(group)
+            x_in = x if n == 1 else x.repeat(n, *([1] * (x.dim() - 1)))
+            sigma_in = sigma if n == 1 else sigma.repeat(n)
+            output = denoiser(x_in, sigma_in, context=self._context(group, batch, x))
+            predictions.update(zip(group, output.split(batch), strict=True))
+            self.unet_rows += n * batch
+        self.calls += 1
+
+        # Base: the uncond term, or (its coefficient being 0) the smallest-coefficient term, so that a classic
+        # negative prompt computes exactly the WebUI's neg + s·(cond − neg). Any base is exact since Σ coeffs = 1.
+        uncond_key = self.plan.uncond_term.key
+        base = uncond_key if uncond_key in predictions else min(keys, key=lambda k: coefficients[k])
+        others = [key for key in keys if key != base]
+        return combine(predictions[base], [predictions[key] for key in others], [coefficients[key] for key in others])
+
+    @property
+    def rows_per_call(self) -> float:
+        """Mean UNet rows (images × evaluated terms) per denoiser call so far."""
+        return self.unet_rows / self.calls if self.calls else 0.0

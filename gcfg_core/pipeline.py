@@ -1,0 +1,206 @@
+"""Standalone GCFG text-to-image generation: request → validated plan → k-diffusion sampling → PIL images + infotext.
+
+Used by the CLI (`python -m gcfg_core sample`), by the trainer's preview grids and by tests. Every check runs
+before the first UNet call, and each error names the bad value.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from gcfg_core.checkpoint import ModelFamily, short_hash
+from gcfg_core.denoiser import GCFGDenoiser, Prediction, UNetDenoiser
+from gcfg_core.models import SDModel
+from gcfg_core.params import GCFGSettings
+from gcfg_core.pngmeta import format_parameters
+from gcfg_core.sampling import ImageNoise, resolve_sampler, sample, schedule_sigmas
+from gcfg_core.syntax import format_number
+from gcfg_core.terms import GuidancePlan, GuidanceTerm, ModelSlot, standard_plan
+
+logger = logging.getLogger("gcfg.pipeline")
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One txt2img request; `seed` −1 = random (the resolved seed is reported); image i uses seed + i."""
+
+    prompt: str
+    negative_prompt: str = ""
+    cfg_scale: float = 7.0
+    steps: int = 20
+    sampler: str = "Euler"
+    scheduler: str = "Automatic"
+    seed: int = -1
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    clip_skip: int = 1
+    gcfg: GCFGSettings = field(default_factory=lambda: GCFGSettings(enabled=True))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
+            raise ValueError("prompt and negative_prompt must be strings")
+        if isinstance(self.cfg_scale, bool) or not math.isfinite(float(self.cfg_scale)):
+            raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale!r}")
+        for name, low in (("steps", 1), ("batch_size", 1), ("clip_skip", 1), ("width", 1), ("height", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -1 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be -1 (random) or an integer from 0 to {MAX_SEED}, got {self.seed!r}")
+        if not isinstance(self.gcfg, GCFGSettings):
+            raise ValueError(f"gcfg must be GCFGSettings, got {type(self.gcfg).__name__}")
+        resolve_sampler(self.sampler, self.scheduler)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    infotexts: list[str]
+    unet_rows_per_step: float  # mean UNet rows (images × evaluated terms) per denoiser call
+
+
+def size_multiple(model: SDModel) -> int:
+    """Pixel multiple the image size must have: VAE downsampling × the UNet's own downsampling."""
+    return model.architecture.vae.downsample * 2 ** (len(model.architecture.unet.channel_mult) - 1)
+
+
+def build_plan(request: GenerationRequest, *, has_concept: bool) -> GuidancePlan:
+    """The guidance plan of a request: classic CFG when GCFG is disabled, else `standard_plan`."""
+    if not request.gcfg.enabled:
+        prompt_term = GuidanceTerm(ModelSlot.MAIN.value, request.prompt, request.cfg_scale, label="prompt")
+        return GuidancePlan(ModelSlot.MAIN.value, (prompt_term,), uncond_cond=request.negative_prompt)
+    settings = request.gcfg
+    return standard_plan(
+        request.cfg_scale, request.prompt, request.negative_prompt, settings.negative_scale,
+        settings.concept_weight if has_concept else 0.0, settings.parsed_terms(),
+    )
+
+
+def _check_plan(plan: GuidancePlan, available: Mapping[str, object]) -> None:
+    for term in plan.terms:
+        if term.model not in available:
+            hint = " (load a concept model)" if term.model == ModelSlot.CONCEPT.value else ""
+            raise ValueError(f"term {term.weight:+g} uses model {term.model!r}, which is not loaded{hint}; "
+                             f"available: {', '.join(sorted(available))}")
+        if term.model == ModelSlot.CONCEPT.value and term.cond is not None:
+            raise ValueError(f"term {term.weight:+g} @concept has the prompt {term.cond!r}, but the concept model "
+                             "is text-free: leave its prompt empty")
+
+
+def _encode_conds(plan: GuidancePlan, text_models: Mapping[str, SDModel], clip_skip: int) -> dict:
+    conds: dict[tuple[str, str], Tensor] = {}
+    encoded: dict[tuple[int, str], Tensor] = {}
+    for term in (plan.uncond_term, *plan.terms):
+        if term.cond is None:
+            continue
+        model = text_models[term.model]
+        cache_key = (id(model), term.cond)
+        if cache_key not in encoded:
+            encoded[cache_key] = model.encode_prompts([term.cond], clip_skip=clip_skip)
+        conds[(term.model, term.cond)] = encoded[cache_key]
+    return conds
+
+
+def _prediction(model: SDModel) -> Prediction:
+    return Prediction.V if model.family is ModelFamily.SD2_V else Prediction.EPS
+
+
+def _to_pil(images: Tensor) -> list[Image.Image]:
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(np.ascontiguousarray(array)) for array in pixels]
+
+
+def infotext_params(request: GenerationRequest, seed: int, main: SDModel, scheduler_label: str) -> dict[str, object]:
+    """The `parameters` key/values of one image, in the WebUI's order, with the GCFG keys appended."""
+    spec, _ = resolve_sampler(request.sampler, request.scheduler)
+    params: dict[str, object] = {
+        "Steps": request.steps,
+        "Sampler": spec.name,
+        "Schedule type": scheduler_label,
+        "CFG scale": format_number(request.cfg_scale),
+        "Seed": seed,
+        "Size": f"{request.width}x{request.height}",
+        "Model hash": short_hash(main.sha256) if main.sha256 else None,
+        "Model": main.name or None,
+        "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+    }
+    params.update(request.gcfg.to_infotext())
+    return params
+
+
+def resolve_seed(seed: int) -> int:
+    return random.randrange(MAX_SEED + 1) if seed == -1 else seed
+
+
+def generate(
+    request: GenerationRequest,
+    *,
+    prior: SDModel,
+    main: SDModel | None = None,
+    concept_unet: nn.Module | None = None,
+    progress: bool = True,
+) -> GenerationResult:
+    """Sample `request.batch_size` images with GCFG: uncond from `prior`, prompts on `main` (default: `prior`).
+
+    `concept_unet` is a text-free (null-text) UNet on the SD 1 schedule; its term has weight
+    ``request.gcfg.concept_weight``. Images are decoded with the main model's VAE (the prior's if it has none).
+    """
+    main = prior if main is None else main
+    multiple = size_multiple(main)
+    for name in ("width", "height"):
+        if getattr(request, name) % multiple:
+            raise ValueError(f"{name} {getattr(request, name)} is not a multiple of {multiple} "
+                             f"(VAE ×{main.architecture.vae.downsample} and UNet downsampling)")
+    spec, scheduler = resolve_sampler(request.sampler, request.scheduler)
+    plan = build_plan(request, has_concept=concept_unet is not None)
+    text_models = {ModelSlot.PRIOR.value: prior, ModelSlot.MAIN.value: main}
+    available: dict[str, object] = dict(text_models)
+    if concept_unet is not None:
+        available[ModelSlot.CONCEPT.value] = concept_unet
+    _check_plan(plan, available)
+    if main.vae is None and prior.vae is None:
+        raise ValueError(f"neither {main.name!r} nor {prior.name!r} has a VAE to decode the images")
+
+    prior_denoiser = UNetDenoiser(prior.unet, prior.alphas_cumprod, _prediction(prior))
+    denoisers: dict[str, UNetDenoiser] = {ModelSlot.PRIOR.value: prior_denoiser}
+    denoisers[ModelSlot.MAIN.value] = (
+        prior_denoiser if main is prior else UNetDenoiser(main.unet, main.alphas_cumprod, _prediction(main))
+    )
+    if concept_unet is not None:
+        denoisers[ModelSlot.CONCEPT.value] = UNetDenoiser(concept_unet, prior.alphas_cumprod)
+
+    conds = _encode_conds(plan, text_models, request.clip_skip)
+    sigmas = schedule_sigmas(spec, scheduler, request.steps, prior_denoiser)
+    model = GCFGDenoiser(denoisers, plan, conds, sigmas)
+
+    seed = resolve_seed(request.seed)
+    seeds = [(seed + index) % (MAX_SEED + 1) for index in range(request.batch_size)]
+    parameter = next(main.unet.parameters())
+    downsample = main.architecture.vae.downsample
+    shape = (main.architecture.unet.in_channels, request.height // downsample, request.width // downsample)
+    noise = ImageNoise(seeds, shape, device=parameter.device)
+    logger.info("sampling %d image(s) %dx%d, %s, %d steps, seed %d", request.batch_size, request.width,
+                request.height, spec.name, request.steps, seed)
+    latents = sample(model, noise, sigmas, spec.name, seeds=seeds, progress=progress)
+    vae_model = main if main.vae is not None else prior
+    images = _to_pil(vae_model.decode_latents(latents))
+    infotexts = [
+        format_parameters(request.prompt, request.negative_prompt,
+                          infotext_params(request, image_seed, main, scheduler.value))
+        for image_seed in seeds
+    ]
+    return GenerationResult(images, seeds, infotexts, model.rows_per_call)
+
