@@ -1,0 +1,227 @@
+"""Prior, concept and other-checkpoint UNets beside the WebUI's model: loading, an LRU cache, running them.
+
+They are built by `gcfg_core` from the files (never through `sd_models.load_model`, never assigned to
+`shared.sd_model`), so the WebUI's LoRA, which only patches layers of `shared.sd_model`, never reaches them.
+Hypernetworks are different: the WebUI's cross-attention optimisations are class-level patches that apply the
+loaded hypernetworks to every ldm CrossAttention, ours included (documented in the README). They are run
+through the original, unpatched `UNetModel.forward` (an active alternative "SD Unet" is refused before
+sampling) under the WebUI's dtype and autocast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from modules import devices, lowvram, paths, sd_hijack, sd_models, shared
+from torch import Tensor, nn
+
+from gcfg_core.checkpoint import CheckpointError
+from gcfg_core.models import SDModel, load_sd_checkpoint
+from gcfg_webui.errors import GCFGRequestError
+from gcfg_webui.hook import RowEvaluator, SamplerSpace
+
+logger = logging.getLogger("gcfg.models")
+
+CONCEPT_DIR_NAME = "GCFG"
+CONCEPT_SUFFIXES = (".safetensors",)
+EMPTY_PROMPT_OWN = "Prior's own text encoder"
+EMPTY_PROMPT_CURRENT = "Current model's text encoder"
+
+
+def concept_dir() -> str:
+    """The concept-model folder: `<models>/GCFG` (created on first listing)."""
+    return os.path.join(paths.models_path, CONCEPT_DIR_NAME)
+
+
+def list_concept_models() -> list[str]:
+    """Concept-model file names (relative to `concept_dir()`), sorted."""
+    root = concept_dir()
+    os.makedirs(root, exist_ok=True)
+    found = []
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.lower().endswith(CONCEPT_SUFFIXES):
+                found.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def list_prior_titles() -> list[str]:
+    """The WebUI's checkpoint titles (`name [hash]`), as in its own checkpoint dropdown."""
+    return list(sd_models.checkpoint_tiles())
+
+
+def resolve_checkpoint(name: str, argument: str):
+    """The WebUI's `CheckpointInfo` for a title or name, or a `GCFGRequestError` naming `argument`."""
+    info = sd_models.get_closet_checkpoint_match(name)
+    if info is None:
+        raise GCFGRequestError(argument, f"no checkpoint matches {name!r}; see /gcfg/v1/priors for the choices")
+    return info
+
+
+def resolve_concept(name: str) -> str:
+    root = os.path.realpath(concept_dir())
+    path = os.path.realpath(os.path.join(root, name))
+    if not path.startswith(root + os.sep) or not os.path.isfile(path):
+        raise GCFGRequestError("concept", f"no concept model {name!r} in {root}; see /gcfg/v1/concepts")
+    return path
+
+
+@dataclass
+class ExtraModel:
+    """One loaded side UNet (eps prediction) plus, for checkpoints, its text encoder for its own prompts."""
+
+    name: str
+    unet: nn.Module
+    checkpoint: SDModel | None = None
+    contexts: dict[tuple[str, int], Tensor] = field(default_factory=dict)
+
+    def context(self, prompt: str, clip_skip: int = 1) -> Tensor:
+        """Cross-attention context of `prompt` from this checkpoint's own text encoder, cached ([1, 77·k, C])."""
+        key = (prompt, clip_skip)
+        if key not in self.contexts:
+            if self.checkpoint is None or self.checkpoint.text_encoder is None:
+                raise GCFGRequestError("terms", f"model {self.name!r} has no text encoder for prompt {prompt!r}")
+            with torch.no_grad():
+                self.contexts[key] = self.checkpoint.encode_prompts([prompt], clip_skip=clip_skip).float().cpu()
+        return self.contexts[key]
+
+    def eps(self, x: Tensor, t: Tensor, context: Tensor | None) -> Tensor:
+        """Noise prediction through the original `UNetModel.forward`, in the WebUI's dtype, on its device."""
+        device = _run_device()
+        if next(self.unet.parameters()).device != device:
+            if lowvram.is_enabled(shared.sd_model):
+                lowvram.send_everything_to_cpu()
+            self.unet.to(device)
+        dtype = devices.dtype_unet
+        ctx = None if context is None else context.to(device=device, dtype=dtype).expand(x.shape[0], -1, -1)
+        try:
+            with torch.no_grad(), devices.autocast():
+                out = sd_hijack.ldm_original_forward(self.unet, x.to(device=device, dtype=dtype), t.to(device),
+                                                     context=ctx)
+        finally:
+            if _keep_on_cpu():
+                self.unet.to(devices.cpu)
+        return out.to(device=x.device, dtype=x.dtype)
+
+
+def _keep_on_cpu() -> bool:
+    return bool(shared.opts.data.get("gcfg_keep_on_cpu", False)) or bool(
+        getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False))
+
+
+def _run_device() -> torch.device:
+    return torch.device(devices.device)
+
+
+class ModelCache:
+    """A small LRU cache of loaded side models, keyed by (kind, file, dtype); thread-safe."""
+
+    def __init__(self) -> None:
+        self._models: OrderedDict[tuple, ExtraModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, load: Callable[[], ExtraModel], capacity: int) -> ExtraModel:
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+        model = load()
+        with self._lock:
+            self._models[key] = model
+            self._models.move_to_end(key)
+            while len(self._models) > max(int(capacity), 1):
+                evicted_key, _ = self._models.popitem(last=False)
+                logger.info("GCFG: unloaded %s", evicted_key)
+        return model
+
+    def keys(self) -> list[tuple]:
+        with self._lock:
+            return list(self._models)
+
+    def clear(self) -> int:
+        """Free every cached model; returns how many were held."""
+        with self._lock:
+            count = len(self._models)
+            self._models.clear()
+        devices.torch_gc()
+        return count
+
+
+CACHE = ModelCache()
+
+
+def _capacity() -> int:
+    return int(shared.opts.data.get("gcfg_cache_size", 2))
+
+
+def _load_device() -> torch.device:
+    return torch.device(devices.cpu) if _keep_on_cpu() else _run_device()
+
+
+def load_checkpoint_model(name: str, argument: str) -> ExtraModel:
+    """A checkpoint's UNet and text encoder (for the prior or an `@checkpoint` term), cached."""
+    info = resolve_checkpoint(name, argument)
+    key = ("checkpoint", info.filename, str(devices.dtype_unet))
+
+    def load() -> ExtraModel:
+        try:
+            model = load_sd_checkpoint(info.filename, parts=("unet", "text_encoder"), device=devices.cpu,
+                                       dtype=torch.float32, compute_hash=False)
+        except CheckpointError as error:
+            raise GCFGRequestError(argument, str(error)) from error
+        model.unet.to(device=_load_device(), dtype=devices.dtype_unet).requires_grad_(False)
+        model.text_encoder.requires_grad_(False)
+        logger.info("GCFG: loaded %s as %s", info.title, argument)
+        return ExtraModel(name=info.title, unet=model.unet, checkpoint=model)
+
+    return CACHE.get(key, load, _capacity())
+
+
+def load_concept(name: str) -> ExtraModel:
+    """A concept (null-text) UNet from the concept folder, cached."""
+    from gcfg_core.concept_file import ConceptFileError, load_concept_model
+
+    path = resolve_concept(name)
+    key = ("concept", path, str(devices.dtype_unet))
+
+    def load() -> ExtraModel:
+        try:
+            unet, metadata = load_concept_model(path, device=devices.cpu, dtype=torch.float32)
+        except ConceptFileError as error:
+            raise GCFGRequestError("concept", str(error)) from error
+        unet.to(device=_load_device(), dtype=devices.dtype_unet).requires_grad_(False)
+        logger.info("GCFG: loaded concept model %s (%s steps)", name, metadata.steps)
+        return ExtraModel(name=name, unet=unet)
+
+    return CACHE.get(key, load, _capacity())
+
+
+def empty_context(prior: ExtraModel) -> Tensor:
+    """The prior's empty-prompt context: its own text encoder (default) or the current model's, per the setting."""
+    if shared.opts.data.get("gcfg_empty_prompt_encoder", EMPTY_PROMPT_OWN) == EMPTY_PROMPT_CURRENT:
+        return shared.sd_model.cond_stage_model_empty_prompt.float().cpu()
+    return prior.context("")
+
+
+def unet_evaluator(space: SamplerSpace, inner_model, run_eps: Callable[[Tensor, Tensor], Tensor]) -> RowEvaluator:
+    """Rows in the sampler's space from a side UNet's ε (k-diffusion: x₀ = x − σ·ε at input x·c_in)."""
+
+    def evaluate(x: Tensor, sigma: Tensor, image_cond: Tensor | None, step: int) -> Tensor:
+        if space is SamplerSpace.NOISE:
+            return run_eps(x, sigma)  # timesteps samplers pass the timestep as "sigma" and want ε
+        scale = sigma.view(-1, *([1] * (x.dim() - 1)))
+        c_in = 1.0 / (scale ** 2 + 1.0) ** 0.5
+        eps = run_eps(x * c_in, inner_model.sigma_to_t(sigma))
+        return x - scale * eps
+
+    return evaluate
+
+
+def model_evaluator(space: SamplerSpace, inner_model, model: ExtraModel, context: Tensor | None) -> RowEvaluator:
+    return unet_evaluator(space, inner_model, lambda x, t: model.eps(x, t, context))

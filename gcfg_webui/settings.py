@@ -1,0 +1,34 @@
+"""The "GCFG" section of the WebUI's Settings page."""
+
+from __future__ import annotations
+
+from gcfg_webui.args import NONE_CHOICE
+from gcfg_webui.extra_models import EMPTY_PROMPT_CURRENT, EMPTY_PROMPT_OWN, list_prior_titles
+
+SECTION = ("gcfg", "GCFG")
+
+
+def options(shared, gr) -> dict:
+    """name → OptionInfo for every GCFG setting."""
+    return {
+        "gcfg_cache_size": shared.OptionInfo(
+            2, "Side models kept loaded (prior, concept and checkpoint UNets; least recently used is freed)",
+            gr.Slider, {"minimum": 1, "maximum": 8, "step": 1}),
+        "gcfg_keep_on_cpu": shared.OptionInfo(
+            False, "Keep side models on the CPU between calls (saves VRAM; always on with --lowvram/--medvram)"),
+        "gcfg_default_prior": shared.OptionInfo(
+            NONE_CHOICE, "Default prior checkpoint in the GCFG accordion", gr.Dropdown,
+            lambda: {"choices": [NONE_CHOICE, *list_prior_titles()]}).needs_reload_ui(),
+        "gcfg_empty_prompt_encoder": shared.OptionInfo(
+            EMPTY_PROMPT_OWN, "Encode the prior's empty prompt with", gr.Radio,
+            {"choices": [EMPTY_PROMPT_OWN, EMPTY_PROMPT_CURRENT]}).info(
+            "the prior's own text encoder is faithful; the current model's is cheaper and equal when both share "
+            "the SD 1.5 text encoder"),
+    }
+
+
+def register(shared, gr) -> None:
+    """`on_ui_settings` callback body."""
+    for name, option in options(shared, gr).items():
+        option.section = SECTION
+        shared.opts.add_option(name, option)

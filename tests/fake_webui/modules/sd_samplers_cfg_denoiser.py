@@ -1,0 +1,80 @@
+"""The CFG denoiser, written from webui-internals §3.3 (no padding, no refiner; edit models only detected)."""
+
+import torch
+
+from modules import prompt_parser, sd_samplers_common, shared
+from modules.script_callbacks import CFGDenoisedParams, CFGDenoiserParams, cfg_denoised_callback, cfg_denoiser_callback
+
+
+class CFGDenoiser(torch.nn.Module):
+    def __init__(self, sampler):
+        super().__init__()
+        self.sampler = sampler
+        self.p = None
+        self.step = 0
+        self.steps = None
+        self.total_steps = None
+        self.mask = self.nmask = self.init_latent = None
+        self.image_cfg_scale = None
+        self.cond_scale_miltiplier = 1.0
+        self.need_last_noise_uncond = False
+        self.last_noise_uncond = None
+        self.mask_before_denoising = False
+        self.model_wrap = None
+
+    def combine_denoised(self, x_out, conds_list, uncond, cond_scale):
+        base = x_out[-uncond.shape[0]:]
+        result = base.clone()
+        for image, conds in enumerate(conds_list):
+            for row, weight in conds:
+                result[image] += (x_out[row] - base[image]) * (weight * cond_scale)
+        return result
+
+    def get_pred_x0(self, x_in, x_out, sigma):
+        return x_out
+
+    def _blend(self, latent):
+        return latent * self.nmask + self.init_latent * self.mask
+
+    def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
+        if shared.state.interrupted:
+            raise sd_samplers_common.InterruptedException
+        conds_list, tensor = prompt_parser.reconstruct_multicond_batch(cond, self.step)
+        uncond = prompt_parser.reconstruct_cond_batch(uncond, self.step)
+        if self.mask_before_denoising and self.mask is not None:
+            x = self._blend(x)
+        batch = len(conds_list)
+        repeats = [len(conds) for conds in conds_list]
+        x_in = torch.cat([x[i:i + 1].repeat(n, *([1] * (x.dim() - 1))) for i, n in enumerate(repeats)] + [x])
+        sigma_in = torch.cat([sigma[i:i + 1].repeat(n) for i, n in enumerate(repeats)] + [sigma])
+        image_cond_in = torch.cat([image_cond[i:i + 1].repeat(n, *([1] * (image_cond.dim() - 1)))
+                                   for i, n in enumerate(repeats)] + [image_cond])
+        params = CFGDenoiserParams(x_in, image_cond_in, sigma_in, shared.state.sampling_step,
+                                   shared.state.sampling_steps, tensor, uncond, self)
+        cfg_denoiser_callback(params)
+        x_in, image_cond_in, sigma_in = params.x, params.image_cond, params.sigma
+        tensor, uncond = params.text_cond, params.text_uncond
+        skip = False
+        if shared.opts.skip_early_cond != 0 and self.step / self.total_steps <= shared.opts.skip_early_cond:
+            skip = True
+        elif (self.step % 2 or shared.opts.s_min_uncond_all) and s_min_uncond > 0 and sigma[0] < s_min_uncond:
+            skip = True
+        if skip:
+            x_in, sigma_in, cond_in = x_in[:-batch], sigma_in[:-batch], tensor
+            image_cond_in = image_cond_in[:-batch]
+        else:
+            cond_in = torch.cat([tensor, uncond])
+        x_out = self.inner_model(x_in, sigma_in, cond={"c_crossattn": [cond_in], "c_concat": [image_cond_in]})
+        self.rows_evaluated = getattr(self, "rows_evaluated", 0) + x_in.shape[0]
+        if skip:
+            x_out = torch.cat([x_out, torch.cat([x_out[conds[0][0]:conds[0][0] + 1] for conds in conds_list])])
+        cfg_denoised_callback(CFGDenoisedParams(x_out, shared.state.sampling_step, shared.state.sampling_steps,
+                                                self.inner_model))
+        if self.need_last_noise_uncond:
+            self.last_noise_uncond = x_out[-batch:].clone()
+        scale = 1.0 if skip else cond_scale * self.cond_scale_miltiplier
+        denoised = self.combine_denoised(x_out, conds_list, uncond, scale)
+        if not self.mask_before_denoising and self.mask is not None:
+            denoised = self._blend(denoised)
+        self.step += 1
+        return denoised

@@ -1,0 +1,5 @@
+from modules import sd_samplers_kdiffusion
+
+
+class LCMSampler(sd_samplers_kdiffusion.KDiffusionSampler):
+    pass

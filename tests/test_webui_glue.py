@@ -1,0 +1,363 @@
+"""Glue tests against the fake WebUI (tests/fake_webui): args, hook rows, equivalence, errors, infotext, API, XYZ."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+FAKE_ROOT = Path(__file__).resolve().parent / "fake_webui"
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def fake_env(tmp_path_factory):
+    """Put the fake `modules` package on sys.path (tests only) and write prior and concept model files."""
+    root = tmp_path_factory.mktemp("webui-models")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["FAKE_WEBUI_MODELS"] = str(root)
+    sys.path.insert(0, str(FAKE_ROOT))
+    import harness
+
+    harness.enable_fake_modules()
+    import fake_runtime
+    from modules import sd_models
+
+    from gcfg_core.concept_file import ConceptMetadata, save_concept_model
+    from gcfg_core.models import random_sd_model, save_sd_checkpoint
+    from gcfg_core.nulltext import calibrate_nulltext, convert_to_nulltext
+
+    checkpoints = root / "Stable-diffusion"
+    checkpoints.mkdir()
+    save_sd_checkpoint(random_sd_model(fake_runtime.TINY, seed=1), checkpoints / "prior.safetensors")
+    save_sd_checkpoint(fake_runtime.FakeSDModel(seed=0).sd, checkpoints / "same.safetensors")
+    names = {key: sd_models.register(str(checkpoints / f"{key}.safetensors")).title for key in ("prior", "same")}
+    base = random_sd_model(fake_runtime.TINY, seed=2)
+    with torch.no_grad():
+        vectors = calibrate_nulltext(base.unet, torch.randn(2, 4, 8, 8), base.encode_prompts([""]))
+    (root / "GCFG").mkdir()
+    save_concept_model(root / "GCFG" / "face.safetensors", convert_to_nulltext(base.unet, vectors),
+                       ConceptMetadata())
+    yield SimpleNamespace(harness=harness, runtime=fake_runtime, names=names)
+    sys.path.remove(str(FAKE_ROOT))
+    for name in [name for name in sys.modules if name.split(".")[0] in ("modules", "harness", "fake_runtime")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def fake(fake_env):
+    import modules
+    from modules import sd_unet, shared
+
+    from gcfg_webui import extra_models
+
+    shared.opts.data.clear()
+    sd_unet.current_unet = None
+    extra_models.CACHE.clear()
+    namespace = SimpleNamespace(modules=modules, shared=shared, runtime=fake_env.runtime,
+                                prior_name=fake_env.names["prior"], same_prior_name=fake_env.names["same"],
+                                concept_name="face.safetensors", last_p=None)
+
+    def use_main_model(in_channels=4):
+        namespace.model = fake_env.runtime.FakeSDModel(seed=0, in_channels=in_channels)
+        shared.sd_model = namespace.model
+
+    def processing(**kwargs):
+        return fake_env.runtime.FakeProcessing(**kwargs)
+
+    def last_stats():
+        generation = namespace.last_p.gcfg_generation_seen
+        return [] if generation is None else generation.stats
+
+    namespace.use_main_model, namespace.processing, namespace.last_stats = use_main_model, processing, last_stats
+    use_main_model()
+    namespace.script = fake_env.harness.load_script_module().GCFGScript()
+    return namespace
+
+
+def settings_args(**named):
+    return [named]
+
+
+def run(fake, p, args):
+    fake.last_p = p
+    fake.model.rows = 0
+    return fake.runtime.process_images(p, fake.script, copy.deepcopy(args))
+
+
+def test_positional_and_named_args_give_the_same_settings(fake):
+    from gcfg_webui.args import settings_from_args
+
+    positional = settings_from_args([True, "None", "None", 1.5, "-3", "+2 a dog"])
+    named = settings_from_args([{"enabled": True, "prior": "None", "concept_weight": 1.5, "negative_scale": -3,
+                                 "terms": "+2 a dog"}])
+    assert positional == named
+    assert positional.prior == "" and positional.negative_scale == -3.0
+    assert settings_from_args([True]).negative_scale is None  # short lists keep defaults
+
+
+@pytest.mark.parametrize(("args", "argument"), [
+    ([{"enabled": True, "bogus": 1}], "bogus"),
+    ([{"enabled": True, "concept_weight": "much"}], "concept_weight"),
+    ([{"enabled": True, "negative_scale": "loud"}], "negative_scale"),
+    ([{"enabled": True, "terms": "4 no sign"}], "terms"),
+    ([True, "", "", 1.0, "classic", "", "extra"], "args"),
+])
+def test_bad_args_name_the_argument_and_carry_422(fake, args, argument):
+    from gcfg_webui.args import settings_from_args
+    from gcfg_webui.errors import GCFGRequestError
+
+    with pytest.raises(GCFGRequestError) as caught:
+        settings_from_args(args)
+    assert caught.value.argument == argument
+    assert caught.value.status_code == 422 and argument in caught.value.detail
+
+
+def test_disabled_script_leaves_sampling_untouched_and_installs_nothing(fake):
+    p = fake.processing(negative_prompt="ugly")
+    run(fake, p, [False])
+    assert p.sampler.model_wrap_cfg.__dict__.get("combine_denoised") is None
+
+
+@pytest.mark.parametrize("negative", ["", "ugly"])
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_prior_none_classic_no_terms_is_bit_identical_to_disabled(fake, negative, sampler):
+    off = run(fake, fake.processing(negative_prompt=negative, sampler_name=sampler, batch_size=2), [False])
+    rows_off = fake.model.rows
+    on = run(fake, fake.processing(negative_prompt=negative, sampler_name=sampler, batch_size=2),
+             settings_args(enabled=True))
+    assert torch.equal(on, off)
+    assert fake.model.rows == rows_off
+
+
+def test_classic_negative_never_runs_the_prior(fake):
+    off = run(fake, fake.processing(negative_prompt="ugly"), [False])
+    on = run(fake, fake.processing(negative_prompt="ugly"), settings_args(enabled=True, prior=fake.prior_name))
+    assert torch.equal(on, off)
+    assert fake.last_stats() == []  # no-op plan: no wrapper at all
+
+
+def test_prior_without_negative_prompt_changes_the_image_with_one_row_per_image(fake):
+    off = run(fake, fake.processing(batch_size=2), [False])
+    on = run(fake, fake.processing(batch_size=2), settings_args(enabled=True, prior=fake.prior_name))
+    assert not torch.allclose(on, off)
+    (stats,) = fake.last_stats()
+    assert stats.per_call() == {"webui": 4.0, "prior": 2.0}
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_prior_equal_to_main_model_reproduces_the_webui_rows(fake, sampler):
+    """A prior with the main model's weights and its empty-prompt context must give the WebUI's own uncond rows:
+    checks the row layout (batch 2, AND prompts) and the x0/eps conversion of side models."""
+    fake.shared.opts.data["gcfg_empty_prompt_encoder"] = "Current model's text encoder"
+    p_args = dict(batch_size=2, prompt=["a cat AND a hat :0.5", "a dog"], sampler_name=sampler)
+    off = run(fake, fake.processing(**p_args), [False])
+    on = run(fake, fake.processing(**p_args), settings_args(enabled=True, prior=fake.same_prior_name))
+    assert fake.last_stats()[0].extra_rows["prior"] > 0
+    torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-4)
+
+
+def test_extra_main_term_equals_the_webui_and_composition(fake):
+    """Classic negative: `+w a dog` as a term == prompt `a cat AND a dog :w/s` (both add w·(X_dog − N))."""
+    scale = 5.0
+    composed = run(fake, fake.processing(prompt=f"a cat AND a dog :{2.0 / scale}", negative_prompt="ugly",
+                                         batch_size=2), [False])
+    term = run(fake, fake.processing(prompt="a cat", negative_prompt="ugly", batch_size=2),
+               settings_args(enabled=True, terms="+2 a dog"))
+    torch.testing.assert_close(term, composed, rtol=1e-4, atol=1e-4)
+    assert fake.last_stats()[0].per_call() == {"webui": 4.0, "main": 2.0}
+
+
+def test_zero_weight_and_out_of_window_terms_are_not_evaluated(fake):
+    run(fake, fake.processing(negative_prompt="ugly", steps=4),
+        settings_args(enabled=True, terms="+0 never\n+1 {0.5-1} late"))
+    (stats,) = fake.last_stats()
+    assert stats.extra_rows == {"main": 2}  # 1 image × the 2 of 4 calls in the window
+
+
+def test_concept_and_two_terms_with_prior_rows(fake):
+    p = fake.processing(batch_size=2)
+    run(fake, p, settings_args(enabled=True, prior=fake.prior_name, concept=fake.concept_name,
+                               concept_weight=2.5, terms="+2 a dog\n-1 @prior blurry"))
+    (stats,) = fake.last_stats()
+    assert stats.per_call() == {"webui": 4.0, "prior": 4.0, "concept": 2.0, "main": 2.0}
+
+
+def test_hires_pass_gets_its_own_hook_and_negative_prompts(fake):
+    p = fake.processing(batch_size=2, n_iter=2, enable_hr=True, negative_prompt="ugly", hr_negative_prompt="")
+    run(fake, p, settings_args(enabled=True, prior=fake.prior_name))
+    stats = fake.last_stats()
+    assert len(stats) == 2  # first passes are no-ops (classic negative); one hires pass per batch
+    assert all(s.per_call()["prior"] == 2.0 for s in stats)
+
+
+def test_inpainting_model_with_prior_gets_x_only(fake):
+    fake.use_main_model(in_channels=9)
+    p = fake.processing(batch_size=2, init_latent=torch.zeros(2, 4, 8, 8), mask=torch.ones(2, 1, 8, 8))
+    out = run(fake, p, settings_args(enabled=True, prior=fake.prior_name))
+    assert torch.isfinite(out).all()
+    assert fake.last_stats()[0].extra_rows["prior"] > 0
+
+
+def test_wrapper_is_installed_once_composes_and_is_removed(fake):
+    from gcfg_webui import hook
+
+    sampler = fake.modules.sd_samplers.create_sampler("Euler", fake.model)
+    denoiser = sampler.model_wrap_cfg
+    calls = []
+    other_original = denoiser.combine_denoised
+
+    def other(x_out, conds_list, uncond, cond_scale):  # another extension's instance wrapper
+        calls.append(1)
+        return other_original(x_out, conds_list, uncond, cond_scale)
+
+    denoiser.combine_denoised = other
+    run_a = hook.PassRun((False,), None, (), None, "main", {})
+    hook.install(denoiser, run_a)
+    wrapper = denoiser.combine_denoised
+    hook.install(denoiser, run_a)
+    assert denoiser.combine_denoised is wrapper and wrapper.gcfg_original is other
+    hook.remove(denoiser)
+    assert denoiser.combine_denoised is other
+    del denoiser.combine_denoised
+    hook.install(denoiser, run_a)
+    hook.remove(denoiser)
+    assert "combine_denoised" not in denoiser.__dict__
+
+
+@pytest.mark.parametrize(("named", "argument"), [
+    ({"prior": "missing.safetensors"}, "prior"),
+    ({"concept": "missing.safetensors"}, "concept"),
+    ({"terms": "+1 @concept"}, "terms"),
+])
+def test_errors_fail_the_first_denoiser_call_before_any_unet_row(fake, named, argument):
+    from gcfg_webui.errors import GCFGRequestError
+
+    with pytest.raises(GCFGRequestError) as caught:
+        run(fake, fake.processing(), settings_args(enabled=True, **named))
+    assert caught.value.argument == argument and caught.value.status_code == 422
+    assert fake.model.rows == 0
+
+
+def test_unsupported_sampler_and_edit_model_are_refused(fake):
+    from gcfg_webui.errors import GCFGRequestError
+
+    with pytest.raises(GCFGRequestError, match="LCM"):
+        run(fake, fake.processing(sampler_name="LCM"), settings_args(enabled=True, terms="+1 a dog"))
+    fake.model.cond_stage_key = "edit"
+    with pytest.raises(GCFGRequestError, match="InstructPix2Pix"):
+        run(fake, fake.processing(), settings_args(enabled=True))
+
+
+def test_infotext_round_trip_restores_every_parameter(fake):
+    from gcfg_core.params import PARAMS, GCFGSettings
+    from gcfg_core.pngmeta import format_parameters, parse_parameters
+    from gcfg_webui import infotext
+
+    settings = GCFGSettings(enabled=True, prior="", concept="face.safetensors", concept_weight=1.25,
+                            negative_scale=-2.5, terms="+4 in Van Gogh style, oil\n-2 @prior {0-0.5} blurry")
+    params = infotext.generation_params(settings)
+    assert params["GCFG prior"] == "None"
+    text = format_parameters("a cat", "", {"Steps": 3, **params})
+    _, _, parsed = parse_parameters(text)
+    assert infotext.settings_from_infotext(parsed) == settings
+    assert infotext.paste_field_names() == [param.infotext_key for param in PARAMS]
+    pasted = {}
+    infotext.disable_when_absent("", pasted)
+    assert infotext.settings_from_infotext(pasted).enabled is False
+
+
+def test_process_writes_infotext_keys(fake):
+    p = fake.processing()
+    run(fake, p, settings_args(enabled=True, negative_scale=-1, terms="+1 a dog"))
+    assert p.extra_generation_params["GCFG negative scale"] == "-1"
+    assert p.extra_generation_params["GCFG terms"] == "+1 a dog"
+
+
+def test_xyz_axes_override_one_parameter(fake):
+    from types import SimpleNamespace
+
+    from gcfg_webui import xyz
+
+    class AxisOption:
+        def __init__(self, label, type, apply, choices=None):
+            self.label, self.type, self.apply, self.choices = label, type, apply, choices
+
+    module = SimpleNamespace(axis_options=[], AxisOption=AxisOption)
+    assert xyz.add_axes(module, lambda: ["None"]) == 4
+    assert xyz.add_axes(module, lambda: ["None"]) == 0
+    p = fake.processing(negative_prompt="ugly")
+    weight_axis = next(o for o in module.axis_options if "Negative" in o.label)
+    weight_axis.apply(p, "-2", ["-2"])
+    run(fake, p, settings_args(enabled=True))
+    assert p.extra_generation_params["GCFG negative scale"] == "-2"
+
+
+def test_routes_validate_terms_and_require_api_auth(fake):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from gcfg_webui import api
+
+    app = FastAPI()
+    api.add_routes(app, "alice:secret", priors=lambda: ["p.safetensors [0]"], concepts=lambda: [],
+                   free_models=lambda: 0, last_run=dict)
+    client = TestClient(app)
+    assert client.get("/gcfg/v1/priors").status_code == 401
+    assert client.get("/gcfg/v1/priors", auth=("alice", "wrong")).status_code == 401
+    assert client.get("/gcfg/v1/priors", auth=("alice", "secret")).json() == {"priors": ["None", "p.safetensors [0]"]}
+    bad = client.post("/gcfg/v1/terms/validate", json={"terms": "+1 ok\n2 bad"}, auth=("alice", "secret")).json()
+    assert bad["valid"] is False and bad["error"]["line"] == 2
+
+
+def test_decouple_prompt_splits_parts_into_terms():
+    from gcfg_webui.decouple import decouple_prompt
+
+    assert decouple_prompt("sunflower, in Van Gogh style, oil", 5.0) == ("sunflower",
+                                                                        "+5 in Van Gogh style\n+5 oil")
+    assert decouple_prompt("one part", 5.0) == ("one part", "")
+
+
+def test_settings_register_every_option(fake):
+    import gradio as gr
+
+    from gcfg_webui import settings
+
+    settings.register(fake.shared, gr)
+    assert {"gcfg_cache_size", "gcfg_keep_on_cpu", "gcfg_default_prior", "gcfg_empty_prompt_encoder"} <= set(
+        fake.shared.opts.data_labels)
+
+
+def test_model_cache_is_lru_and_frees(fake):
+    from gcfg_webui.extra_models import ModelCache
+
+    cache = ModelCache()
+    loads = []
+    for key in ("a", "b", "a", "c"):
+        cache.get((key,), lambda key=key: loads.append(key) or key, capacity=2)
+    assert loads == ["a", "b", "c"] and cache.keys() == [("a",), ("c",)]
+    assert cache.clear() == 2 and cache.keys() == []
+
+
+def test_env_is_offline():
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_ui_components_follow_params_and_their_defaults_unpack_to_the_defaults(fake):
+    import gradio as gr
+
+    from gcfg_core.params import GCFGSettings
+    from gcfg_webui.args import settings_from_args
+
+    fake.script.tabname = "txt2img"
+    with gr.Blocks():
+        components = fake.script.ui(False)
+    assert [key for _, key in fake.script.infotext_fields] == fake.script.paste_field_names
+    assert settings_from_args([component.value for component in components]) == GCFGSettings()
+    assert all(getattr(component, "webui_tooltip", None) or getattr(component, "label", None)
+               for component in components)
