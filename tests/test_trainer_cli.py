@@ -1,0 +1,99 @@
+"""`python -m trainer` end to end: prepare, train, status, sample, resume; bad input is one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from trainer import checkpoints
+from trainer.cli import EXIT_USAGE, main
+from trainer.config import TrainConfig
+from trainer.jobfolder import JobFolder, JobState
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_trainer_resume import _cli_args  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_cli_prepare_train_status_sample_resume(tmp_path, tiny_checkpoint, capsys):
+    args = _cli_args(tmp_path, tiny_checkpoint, max_steps=2, checkpoint_every_steps=0)
+    job = JobFolder(tmp_path / "job")
+
+    assert main(["-q", "prepare", *args]) == 0
+    assert (job.path / "prepared.json").is_file() and job.config_path.is_file()
+    assert "8 images (0 skipped)" in capsys.readouterr().out
+
+    # train from the job's own config file, with one flag on top
+    assert main(["-q", "train", "--config", str(job.config_path), "--max-steps", "3"]) == 0
+    assert "completed 3 steps" in capsys.readouterr().out
+    assert TrainConfig.load(job.config_path).max_steps == 3
+
+    assert main(["status", str(job.path)]) == 0
+    text = capsys.readouterr().out
+    assert "state      completed" in text and "step       3 / 3" in text and "images/s" in text
+    assert main(["status", str(job.path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["state"] == "completed" and summary["latest_checkpoint"].endswith("step-000003")
+
+    out = tmp_path / "grid.png"
+    assert main(["-q", "sample", str(job.path), "--prior", str(tiny_checkpoint), "--out", str(out),
+                 "--prompts", "a dog", "--seeds", "1", "2", "3", "--steps", "2", "--sampler", "Euler"]) == 0
+    assert Image.open(out).size == (3 * 64, 2 * 64)
+
+    # resume may change mutable fields only; it continues from step 3
+    assert main(["-q", "resume", str(job.path), "--max-steps", "5", "--learning-rate", "2e-5"]) == 0
+    assert job.read_status().state == JobState.COMPLETED
+    assert checkpoints.latest_checkpoint(job.checkpoints_dir).step == 5
+    steps = [e["step"] for e in job.read_events() if e.get("type") == "step"]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, tiny_checkpoint, capsys):
+    assert main(["train", "--name", "x"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: give --config FILE or all of --dataset-dir")
+
+    args = _cli_args(tmp_path, tiny_checkpoint)
+    bad = [*args, "--batch-size", "5"]  # not a multiple of micro_batch_size 2 (the last flag wins)
+    assert main(["train", *bad]) == EXIT_USAGE
+    assert "batch_size=5" in capsys.readouterr().err
+
+    assert main(["status", str(tmp_path / "nowhere")]) == EXIT_USAGE
+    assert "has no status.json" in capsys.readouterr().err
+    assert main(["resume", str(tmp_path / "nowhere")]) == EXIT_USAGE
+    assert "is not a job folder" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path), "--prior", str(tiny_checkpoint), "--out", str(tmp_path / "o.png")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_resume_refuses_flags_that_would_change_the_run():
+    # --seed is not resume-mutable: argparse rejects it before anything runs
+    with pytest.raises(SystemExit) as exit_info:
+        main(["resume", "somejob", "--seed", "3"])
+    assert exit_info.value.code == EXIT_USAGE
+
+
+@pytest.mark.slow
+def test_train_refuses_a_job_that_already_has_checkpoints(tmp_path, tiny_checkpoint, capsys):
+    args = _cli_args(tmp_path, tiny_checkpoint, max_steps=1)
+    assert main(["-q", "train", *args]) == 0
+    assert main(["-q", "train", *args]) == EXIT_USAGE
+    assert "already has checkpoints" in capsys.readouterr().err
+
+
+def test_python_m_trainer_runs_without_the_webui():
+    code = ("import sys, trainer.cli, trainer.loop, trainer.previews; "
+            "assert not any(m == 'modules' or m.startswith(('modules.', 'gradio')) for m in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=120)
+    assert run.returncode == 0, run.stderr.decode()
+    help_run = subprocess.run([sys.executable, "-m", "trainer", "--help"], cwd=REPO, capture_output=True, timeout=60)
+    assert help_run.returncode == 0
+    for command in (b"prepare", b"train", b"resume", b"sample", b"status"):
+        assert command in help_run.stdout

@@ -1,0 +1,304 @@
+"""`python -m trainer {prepare,train,resume,sample,status}`: the concept-UNet trainer's command line.
+
+Multi-GPU / multi-node: `accelerate launch [--multi_gpu --num_processes N ...] -m trainer train ...` runs the
+same command in every process (Hugging Face Accelerate, DDP); only process 0 writes the job folder. On CPUs,
+`accelerate launch --multi_gpu --num_processes N -m trainer train ... --device cpu` runs N gloo processes.
+Bad input ends the program with one line on stderr and exit code 2; a run that fails (non-finite loss) exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from trainer.config import RESUME_MUTABLE_FIELDS, ConfigError, FieldSpec, TrainConfig, check_resume_compatible
+from trainer.config import config_fields as _config_fields
+
+log = logging.getLogger("gcfg.trainer.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(ValueError):
+    """A command-line mistake the user can fix (reported as one line, exit code 2)."""
+
+
+def is_main_process() -> bool:
+    """Process 0 of an `accelerate launch`/torchrun job (RANK is set by the launcher), or a plain run."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# flags generated from the config fields
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, fields: Sequence[FieldSpec]) -> None:
+    group = parser.add_argument_group("training config (override the --config file)")
+    for spec in fields:
+        kwargs: dict = {"dest": spec.name, "default": None, "help": spec.help}
+        if spec.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif spec.type is tuple:
+            kwargs.update(nargs="*", type=int if spec.name == "preview_seeds" else str)
+        elif isinstance(spec.type, type) and issubclass(spec.type, enum.Enum):
+            kwargs["choices"] = spec.choices
+        else:
+            kwargs["type"] = spec.type
+        if spec.default not in (None, ()) and spec.type is not bool:
+            default = spec.default.value if isinstance(spec.default, enum.Enum) else spec.default
+            kwargs["help"] += f" (default: {default})"
+        group.add_argument(_flag(spec.name), **kwargs)
+
+
+def _overrides(args: argparse.Namespace, fields: Sequence[FieldSpec]) -> dict:
+    return {spec.name: getattr(args, spec.name) for spec in fields if getattr(args, spec.name, None) is not None}
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The config of `prepare`/`train`: the --config file (if any) with the flags given on top."""
+    overrides = _overrides(args, _config_fields())
+    if args.config:
+        return TrainConfig.load(args.config).with_overrides(**overrides)
+    missing = [_flag(spec.name) for spec in _config_fields() if spec.required and spec.name not in overrides]
+    if missing:
+        raise UsageError(f"give --config FILE or all of {', '.join(missing)}")
+    return TrainConfig(**overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# commands
+
+
+def _open_job(config: TrainConfig, *, allow_existing_checkpoints: bool):
+    from trainer import checkpoints
+    from trainer.jobfolder import JobFolder
+
+    job = JobFolder(config.job_dir)
+    if not allow_existing_checkpoints and checkpoints.latest_checkpoint(job.checkpoints_dir) is not None:
+        raise UsageError(f"job {config.job_dir!r} already has checkpoints; continue it with "
+                         f"`python -m trainer resume {config.job_dir}` or choose a new --job-dir")
+    if is_main_process():
+        job.create()
+        config.save(job.config_path)
+        from trainer.jobfolder import configure_file_logging
+
+        configure_file_logging(job)
+    return job
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from trainer.loop import prepare
+
+    config = config_from_args(args)
+    config.validate(check_paths=True)
+    job = _open_job(config, allow_existing_checkpoints=True)
+    prepared = prepare(config, job, progress=not args.quiet)
+    sys.stdout.write(f"prepared {config.job_dir}: {prepared.num_images} images ({prepared.num_skipped} skipped), "
+                     f"latent cache and null-text vectors ready\n")
+    return EXIT_OK
+
+
+def _run(config: TrainConfig, job, *, resume: bool, quiet: bool) -> int:
+    from trainer.jobfolder import JobState
+    from trainer.loop import train
+
+    result = train(config, job, resume=resume, progress=not quiet)
+    if is_main_process():
+        sys.stdout.write(result.message + "\n")
+    return EXIT_FAILED if result.state == JobState.FAILED else EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    config.validate(check_paths=True, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
+    job = _open_job(config, allow_existing_checkpoints=False)
+    return _run(config, job, resume=False, quiet=args.quiet)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from trainer.jobfolder import JobFolder
+
+    job = JobFolder(args.job_dir)
+    if not job.config_path.is_file():
+        raise UsageError(f"{args.job_dir!r} is not a job folder (no {job.config_path.name})")
+    old = TrainConfig.load(job.config_path)
+    new = old.with_overrides(**_overrides(args, _resume_fields()))
+    check_resume_compatible(old, new)
+    new.validate(check_paths=True, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
+    if is_main_process():
+        new.save(job.config_path)
+        from trainer.jobfolder import configure_file_logging
+
+        configure_file_logging(job)
+    return _run(new, job, resume=True, quiet=args.quiet)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from gcfg_core.concept_file import load_concept_model
+    from gcfg_core.models import load_sd_checkpoint
+    from trainer.checkpoints import resolve_checkpoint
+    from trainer.previews import PreviewSpec, render_grid, save_png
+
+    source = Path(args.source)
+    concept_path = source if source.is_file() else resolve_checkpoint(source).concept_path
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    concept, metadata = load_concept_model(concept_path, device=device, dtype=dtype)
+    trained = metadata.train_config or {}
+    spec = PreviewSpec(
+        prompts=tuple(args.prompts if args.prompts is not None else trained.get("preview_prompts", ())),
+        seeds=tuple(args.seeds if args.seeds is not None else trained.get("preview_seeds", (0, 1, 2, 3))),
+        concept_weight=args.concept_weight if args.concept_weight is not None
+        else trained.get("preview_concept_weight", 2.5),
+        steps=args.steps if args.steps is not None else trained.get("preview_steps", 25),
+        sampler=args.sampler or trained.get("preview_sampler", "DPM++ 2M"),
+        size=args.size or trained.get("resolution", 512),
+    )
+    if not spec.seeds:
+        raise UsageError("--seeds must name at least one seed")
+    prior = load_sd_checkpoint(args.prior, device=device, dtype=dtype, compute_hash=False)
+    grid, description = render_grid(spec, prior, concept)
+    out = save_png(grid, args.out, f"{description}; concept {concept_path} ({metadata.steps} steps)")
+    sys.stdout.write(f"wrote {out}\n")
+    return EXIT_OK
+
+
+def _format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def status_summary(job) -> dict:
+    """The effective status of a job plus its last loss and newest checkpoint, as plain data."""
+    from trainer.checkpoints import latest_checkpoint
+
+    status = job.effective_status()
+    if status is None:
+        raise UsageError(f"{str(job.path)!r} has no status.json (not a job folder, or never started)")
+    last_loss = next((e["loss"] for e in reversed(job.read_events())
+                      if e.get("type") == "step" and isinstance(e.get("loss"), int | float)), None)
+    checkpoint = latest_checkpoint(job.checkpoints_dir)
+    return {**status.to_dict(), "last_loss": last_loss,
+            "latest_checkpoint": str(checkpoint.path) if checkpoint else None}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from trainer.jobfolder import JobFolder
+
+    summary = status_summary(JobFolder(args.job_dir))
+    if args.json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        return EXIT_OK
+    speed = summary["images_per_second"]
+    loss = summary["last_loss"]
+    lines = [
+        f"job        {args.job_dir}",
+        f"state      {summary['state']}" + (f"  ({summary['message']})" if summary["message"] else ""),
+        f"step       {summary['step']} / {summary['total_steps']}",
+        f"loss       {loss:.4g}" if loss is not None else "loss       -",
+        f"speed      {speed:.2f} images/s" if speed else "speed      -",
+        f"eta        {_format_duration(summary['eta_seconds'])}",
+        f"checkpoint {summary['latest_checkpoint'] or '-'}",
+    ]
+    if summary["last_error"]:
+        lines.append(f"error      {summary['last_error']}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parser and entry point
+
+
+def _resume_fields() -> tuple[FieldSpec, ...]:
+    # The job folder and name come from the positional JOB_DIR; only settings that may change are offered.
+    return tuple(s for s in _config_fields() if s.name in RESUME_MUTABLE_FIELDS and s.name not in ("job_dir", "name"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, func, text in (("prepare", cmd_prepare, "scan images, build the latent cache, calibrate null-text"),
+                             ("train", cmd_train, "create a job folder and train (prepares first if needed)")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", help="config JSON (e.g. a job's config.json); flags override its values")
+        _add_config_flags(p, _config_fields())
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("resume", help="continue a stopped or interrupted job from its latest checkpoint")
+    p.add_argument("job_dir", metavar="JOB_DIR")
+    _add_config_flags(p, _resume_fields())
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("sample", help="GCFG preview grid of a concept model (prior uncond + concept)")
+    p.add_argument("source", metavar="CHECKPOINT_OR_JOB",
+                   help="a concept .safetensors file, a checkpoint folder or a job folder (its latest checkpoint)")
+    p.add_argument("--prior", required=True, help="base SD 1.5 checkpoint file (unconditional term, VAE, text)")
+    p.add_argument("--out", required=True, help="output PNG path")
+    p.add_argument("--prompts", nargs="*", default=None, help="control prompts, one grid row each")
+    p.add_argument("--seeds", nargs="*", type=int, default=None, help="seeds, one grid column each")
+    p.add_argument("--concept-weight", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--sampler", default=None)
+    p.add_argument("--size", type=int, default=None, help="image size in pixels (default: training resolution)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("status", help="print a job's state, progress, speed and ETA")
+    p.add_argument("job_dir", metavar="JOB_DIR")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def _configure_logging(quiet: bool) -> None:
+    logger = logging.getLogger("gcfg")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    level = logging.WARNING if quiet or not is_main_process() else logging.INFO
+    logger.setLevel(level)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "fix your input": reported in one line with exit code 2, no traceback."""
+    from gcfg_core.checkpoint import CheckpointError as ModelFileError
+    from gcfg_core.concept_file import ConceptFileError
+    from trainer.checkpoints import CheckpointError
+    from trainer.data import DatasetError
+    from trainer.preflight import PreflightError
+
+    return (UsageError, ConfigError, CheckpointError, ConceptFileError, ModelFileError, DatasetError, PreflightError,
+            FileNotFoundError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the trainer never downloads; fail fast instead
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.quiet)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # a second Ctrl-C during the final save
+        sys.stderr.write("error: interrupted\n")
+        return 130

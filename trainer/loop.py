@@ -1,0 +1,587 @@
+"""Preparation and the training loop of the null-text concept UNet (paper §4.3), read top to bottom like nanoGPT.
+
+`prepare` scans the images, VAE-encodes them once into the latent cache and calibrates the null-text vectors on
+the base model. `train` then fine-tunes every UNet parameter on eps-prediction MSE over the SD 1 schedule.
+
+Exact resume: every random draw of micro-batch `m` of optimizer step `s` comes from a CPU `torch.Generator`
+seeded with a hash of (seed, s, m) — timesteps, noise, the VAE posterior sample — and the data order is a seeded
+permutation per epoch indexed by the global sample position `s · batch_size`. Nothing random carries over from
+one step to the next, so the train state only needs the step (plus optimizer, EMA, grad scaler): a resumed run
+draws exactly what the uninterrupted run drew, on any number of restarts.
+
+Multi-GPU / multi-node: the same function under `accelerate launch` (DDP). Each process takes its shard of each
+global batch; only process 0 writes files (status, events, checkpoints, previews).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import functools
+import hashlib
+import json
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gcfg_core.attention import use_sdpa_attention
+from gcfg_core.concept_file import ConceptMetadata, load_concept_model, save_concept_model
+from gcfg_core.configs import sd1_alphas_cumprod
+from gcfg_core.models import load_sd_checkpoint
+from gcfg_core.nulltext import calibrate_nulltext, convert_to_nulltext
+from trainer import checkpoints
+from trainer.config import LRSchedule, Optimizer, TrainConfig
+from trainer.data import scan_dataset
+from trainer.distributed import JobReporter, make_accelerator, release_accelerator, resolve_device
+from trainer.io import atomic_path, atomic_write_text
+from trainer.jobfolder import JobFolder, JobState
+from trainer.latent_cache import CacheKey, LatentCache, build_latent_cache, open_latent_cache, vae_moments_fn
+from trainer.preflight import run_preflight
+
+log = logging.getLogger("gcfg.trainer.loop")
+
+NUM_TRAIN_TIMESTEPS = 1000
+NULLTEXT_FILE = "nulltext.safetensors"
+PREPARED_FILE = "prepared.json"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, missing optional dependency, unusable checkpoint)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small pure helpers
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant / linear / cosine to 0."""
+    peak, warmup, total = config.learning_rate, config.warmup_steps, config.max_steps
+    # 1) linear warm-up from 0 (step 0 already gets a small non-zero rate, as in nanoGPT)
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    if config.lr_schedule == LRSchedule.CONSTANT:
+        return peak
+    # 2) decay over the remaining steps, reaching 0 at max_steps
+    progress = (step - warmup) / max(1, total - warmup)
+    assert 0 <= progress <= 1, progress
+    if config.lr_schedule == LRSchedule.LINEAR:
+        return peak * (1 - progress)
+    # 3) cosine
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def seed_for(*parts: object) -> int:
+    """A 63-bit seed from any tuple of values (stable across runs and platforms, unlike `hash`)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def micro_batch_generator(seed: int, step: int, slot: int) -> torch.Generator:
+    """The one source of randomness of micro-batch `slot` of optimizer step `step` (stateless across steps).
+
+    `slot` numbers the micro-batches of the global batch (accumulation index × processes + rank), so N processes
+    draw exactly what one process accumulating N times as much draws.
+    """
+    return torch.Generator().manual_seed(seed_for("micro-batch", seed, step, slot))
+
+
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch: a permutation of range(num_items), fixed by (seed, epoch)."""
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed_for("data", seed, epoch)))
+
+
+def global_batch(num_items: int, seed: int, position: int, count: int) -> list[int]:
+    """`count` dataset indices starting at global sample `position` of the endless stream of epoch permutations."""
+    indices: list[int] = []
+    while len(indices) < count:
+        epoch, offset = divmod(position, num_items)
+        take = min(count - len(indices), num_items - offset)
+        indices += epoch_permutation(num_items, seed, epoch)[offset:offset + take].tolist()
+        position += take
+    return indices
+
+
+def rank_micro_batches(indices: list[int], accumulation: int, num_processes: int, rank: int) -> list[list[int]]:
+    """This process's micro-batches of a global batch laid out as [accumulation, processes, micro_batch]."""
+    micro = len(indices) // (accumulation * num_processes)
+    assert micro * accumulation * num_processes == len(indices), (len(indices), accumulation, num_processes)
+    return [indices[(a * num_processes + rank) * micro:(a * num_processes + rank + 1) * micro]
+            for a in range(accumulation)]
+
+
+def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                  alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion q(z_t | z_0) = √ᾱ_t·z_0 + √(1−ᾱ_t)·ε (DDPM, Ho et al. 2020, Eq. 4)."""
+    alpha = alphas_cumprod[timesteps].reshape(-1, 1, 1, 1).to(latents.dtype)
+    return alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+
+
+def loss_weights_min_snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ weights for eps-prediction, min(SNR_t, γ)/SNR_t (Hang et al. 2023, arXiv 2303.09556, Eq. 10)."""
+    alpha = alphas_cumprod[timesteps]
+    snr = alpha / (1 - alpha)
+    return snr.clamp(max=gamma) / snr
+
+
+def diffusion_loss(model: nn.Module, latents: torch.Tensor, generator: torch.Generator,
+                   alphas_cumprod: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """Eps-prediction MSE of one micro-batch; noise and timesteps come from `generator` (always on the CPU)."""
+    batch, channels = latents.shape[:2]
+    timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    if config.noise_offset:
+        # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift the mean brightness.
+        noise = noise + config.noise_offset * torch.randn((batch, channels, 1, 1), generator=generator)
+    device = latents.device
+    timesteps, noise = timesteps.to(device), noise.to(device)
+    noisy = noisy_latents(latents, noise, timesteps, alphas_cumprod)
+    prediction = model(noisy, timesteps, context=None)  # null-text UNet: no context at all
+    per_sample = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    if config.min_snr_gamma:
+        per_sample = per_sample * loss_weights_min_snr(timesteps, alphas_cumprod, config.min_snr_gamma)
+    return per_sample.mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model pieces
+
+
+def _checkpointed_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():
+        return module._forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(module._forward, *args, use_reentrant=False, **kwargs)
+
+
+def enable_gradient_checkpointing(unet: nn.Module) -> int:
+    """Non-reentrant activation checkpointing of every ResBlock and transformer block of this UNet instance.
+
+    ldm's own `checkpoint` (use_checkpoint=True) replays the backward under CUDA autocast settings and fails under
+    CPU autocast (test-stack.md §4); it is also a module global. Here each block instance gets a `forward`
+    attribute that calls its `_forward` through `torch.utils.checkpoint` (use_reentrant=False), so other models in
+    the process are untouched and gradients equal the uncheckpointed ones. Returns the number of blocks wrapped.
+    """
+    from ldm.modules.attention import BasicTransformerBlock
+    from ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    wrapped = 0
+    for module in unet.modules():
+        if isinstance(module, ResBlock | BasicTransformerBlock):
+            module.forward = functools.partial(_checkpointed_forward, module)
+            wrapped += 1
+    return wrapped
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters, fp32, on the parameters' device."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        params = dict(module.named_parameters())
+        names = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names],
+                             1 - self.decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": {n: t.cpu() for n, t in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self.shadow) ^ set(state["shadow"])
+        if missing:
+            raise TrainingError(f"EMA state does not match the model ({len(missing)} differing parameters)")
+        for name, value in state["shadow"].items():
+            self.shadow[name].copy_(value)
+
+    @contextlib.contextmanager
+    def swapped_into(self, module: nn.Module) -> Iterator[nn.Module]:
+        """Temporarily load the EMA weights into `module` (the training weights wait on the CPU)."""
+        params = dict(module.named_parameters())
+        backup = {n: params[n].detach().to("cpu", copy=True) for n in self.shadow}
+        with torch.no_grad():
+            for n, value in self.shadow.items():
+                params[n].copy_(value)
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                for n, value in backup.items():
+                    params[n].copy_(value)
+
+
+def build_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Fused AdamW (one kernel per step), or bitsandbytes' 8-bit AdamW when asked for."""
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                  weight_decay=config.weight_decay)
+    if config.optimizer == Optimizer.ADAMW_8BIT:
+        try:
+            import bitsandbytes
+        except ImportError as exc:
+            raise TrainingError("optimizer 'adamw8bit' needs the bitsandbytes package (pip install bitsandbytes); "
+                                "use optimizer 'adamw' or install it") from exc
+        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stop requests (signals, the WebUI's runner, tests)
+
+
+@dataclass
+class StopFlag:
+    """Set by SIGINT/SIGTERM (or a caller) and checked once per optimizer step; the run then saves and exits."""
+
+    reason: str = ""
+    _event: threading.Event = field(default_factory=threading.Event)
+
+    def request(self, reason: str = "stop requested") -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: StopFlag) -> Iterator[None]:
+    """SIGINT/SIGTERM request a clean stop (a second SIGINT aborts at once); handlers restored on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread; the caller stops us via `stop`
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT and stop.is_set():
+            raise KeyboardInterrupt
+        stop.request(f"{signal.Signals(signum).name} received")
+        log.warning("%s received: saving a checkpoint and stopping after this step", signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# preparation: scan → latent cache → null-text calibration
+
+
+# The config fields the prepared files depend on; a change in any of them means preparing again.
+PREPARE_INPUTS = ("dataset_dir", "base_checkpoint", "resolution", "resize_policy", "flip", "min_image_size",
+                  "calibration_images", "seed")
+
+
+def prepare_inputs(config: TrainConfig) -> dict[str, Any]:
+    values = config.to_dict()
+    return {name: values[name] for name in PREPARE_INPUTS}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What `prepare` leaves in the job folder, as recorded in prepared.json."""
+
+    cache_key: CacheKey
+    num_images: int
+    num_skipped: int
+    base_name: str
+    base_sha256: str
+    base_family: str
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(dataclasses.asdict(self), cache_key=self.cache_key.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Prepared:
+        return cls(**dict(data, cache_key=CacheKey(**data["cache_key"])))
+
+
+def read_prepared(job: JobFolder, config: TrainConfig) -> Prepared | None:
+    """The preparation record of `job` if it was made for this config and its files are complete, else None."""
+    path = job.path / PREPARED_FILE
+    if not path.is_file() or not (job.path / NULLTEXT_FILE).is_file():
+        return None
+    prepared = Prepared.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    if prepared.inputs != prepare_inputs(config):
+        return None
+    return prepared if open_latent_cache(job.cache_dir, prepared.cache_key) is not None else None
+
+
+def prepare(config: TrainConfig, job: JobFolder, *, device: torch.device | None = None,
+            stop: StopFlag | None = None, progress: bool = True, reporter: JobReporter | None = None) -> Prepared:
+    """Scan the dataset, build (or reuse) the latent cache and calibrate the null-text vectors; idempotent."""
+    device = device or resolve_device(config)
+    stop = stop or StopFlag()
+    reporter = reporter or JobReporter(job)
+    reporter.update(JobState.PREPARING, message="scanning images")
+    scan = scan_dataset(config.dataset_dir, min_image_size=config.min_image_size)
+    reporter.skipped_files("".join(f"{s.path}\t{s.reason}\n" for s in scan.skipped))
+    log.info("dataset: %d images, %d skipped", len(scan.images), len(scan.skipped))
+    base = load_sd_checkpoint(config.base_checkpoint, device=device, dtype=torch.float32)
+    key = CacheKey(dataset_fingerprint=scan.fingerprint, vae_sha256=base.sha256 or "", resolution=config.resolution,
+                   resize_policy=config.resize_policy.value, flip=config.flip)
+
+    reporter.update(JobState.CACHING, message=f"encoding {len(scan.images)} images")
+
+    def cache_progress(done: int, total: int) -> None:
+        reporter.update(JobState.CACHING, phase_done=done, phase_total=total, message=f"encoded {done}/{total} images")
+
+    cache = build_latent_cache(job.cache_dir, scan, key, vae_moments_fn(base.vae), batch_size=config.cache_batch_size,
+                               num_workers=config.num_workers, progress=progress, progress_callback=cache_progress,
+                               should_stop=stop.is_set)
+
+    reporter.update(JobState.CALIBRATING, message=f"calibrating null-text vectors on {config.calibration_images} "
+                    "images")
+    count = min(config.calibration_images, len(cache))
+    generator = torch.Generator().manual_seed(seed_for("calibration", config.seed))
+    latents = cache.sample_latents(global_batch(len(cache), config.seed, 0, count), generator)
+    vectors = calibrate_nulltext(base.unet, latents, base.encode_prompts([""]), seed=config.seed,
+                                 alphas_cumprod=base.alphas_cumprod, batch_size=config.cache_batch_size)
+    with atomic_path(job.path / NULLTEXT_FILE) as tmp:
+        save_file({name: v.contiguous() for name, v in vectors.items()}, str(tmp),
+                  metadata={"base_sha256": base.sha256 or "", "calibration_images": str(count)})
+    prepared = Prepared(key, len(scan.images), len(scan.skipped), base.name, base.sha256 or "", base.family.value,
+                        prepare_inputs(config))
+    atomic_write_text(job.path / PREPARED_FILE, json.dumps(prepared.to_dict(), indent=2) + "\n")
+    reporter.event({"type": "prepared", **prepared.to_dict()})
+    return prepared
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def concept_metadata(config: TrainConfig, prepared: Prepared, step: int) -> ConceptMetadata:
+    return ConceptMetadata(base_family=prepared.base_family, base_sha256=prepared.base_sha256,
+                           base_name=prepared.base_name, train_config=config.to_dict(), steps=step,
+                           images_seen=step * config.batch_size,
+                           dataset_fingerprint=prepared.cache_key.dataset_fingerprint)
+
+
+def save_checkpoint(job: JobFolder, config: TrainConfig, prepared: Prepared, step: int, unet: nn.Module,
+                    optimizer: torch.optim.Optimizer, ema: EMA | None, scaler: Any) -> checkpoints.CheckpointInfo:
+    """Concept model (EMA weights when EMA is on) + train state for exact resume, as one atomic folder."""
+    state = {
+        "format": checkpoints.TRAIN_STATE_FORMAT,
+        "step": step,
+        "images_seen": step * config.batch_size,
+        "data": {"position": step * config.batch_size, "seed": config.seed},  # the order is a function of these
+        "rng": {"scheme": "per-step generators", "seed": config.seed},
+        "optimizer": optimizer.state_dict(),
+        "ema": ema.state_dict() if ema else None,
+        # With EMA the concept file holds the averaged weights, so the training weights travel here.
+        "unet": {k: v.detach().cpu() for k, v in unet.state_dict().items()} if ema else None,
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        "config": config.to_dict(),
+    }
+    metadata = concept_metadata(config, prepared, step)
+
+    def write_concept(path: Path) -> None:
+        with ema.swapped_into(unet) if ema else contextlib.nullcontext(unet) as weights:
+            save_concept_model(path, weights, metadata)
+
+    return checkpoints.write_checkpoint(job.checkpoints_dir, step, write_concept=write_concept, train_state=state,
+                                        meta={"images_seen": step * config.batch_size, "ema": bool(ema),
+                                              "created": datetime.datetime.now().isoformat(timespec="seconds")},
+                                        keep_last=config.keep_last)
+
+
+def load_training_unet(config: TrainConfig, job: JobFolder, checkpoint: checkpoints.CheckpointInfo | None,
+                       state: dict[str, Any] | None) -> nn.Module:
+    """The fp32 null-text UNet to train: the base UNet converted with the job's vectors, or a checkpoint's."""
+    if checkpoint is None:
+        base = load_sd_checkpoint(config.base_checkpoint, parts=("unet",), compute_hash=False)
+        vectors = load_file(str(job.path / NULLTEXT_FILE))
+        unet = convert_to_nulltext(base.unet, vectors)
+    else:
+        unet, _ = load_concept_model(checkpoint.concept_path, device="cpu", dtype=torch.float32)
+        if state is not None and state.get("unet") is not None:
+            unet.load_state_dict(state["unet"])
+    unet.train()
+    unet.requires_grad_(True)
+    return unet
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """How a `train` call ended."""
+
+    state: JobState
+    step: int
+    losses: dict[int, float]  # optimizer step (1-based) -> loss, for the steps run in this call
+    checkpoint: Path | None
+    message: str = ""
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def train(config: TrainConfig, job: JobFolder, *, resume: bool = False, stop: StopFlag | None = None,
+          progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train (or resume) the concept UNet of `job` until `config.max_steps`, a stop request or a non-finite loss."""
+    stop = stop or StopFlag()
+    accelerator = make_accelerator(config)
+    reporter = JobReporter(job, enabled=accelerator.is_main_process)  # only process 0 writes files
+    with stop_on_signals(stop):
+        try:
+            return _train(config, job, reporter, accelerator, resume=resume, stop=stop,
+                          progress=progress and accelerator.is_main_process, on_step=on_step)
+        except Exception as exc:  # recorded for the tab, then re-raised
+            reporter.update(JobState.FAILED, last_error=f"{type(exc).__name__}: {exc}", message="failed")
+            raise
+        finally:
+            release_accelerator(accelerator)
+
+
+def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerator: Any, *, resume: bool,
+           stop: StopFlag, progress: bool, on_step: Callable[[int, float], None] | None) -> TrainResult:
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    accumulation = config.gradient_accumulation(world)
+
+    # --- data and null-text vectors (process 0 prepares; the others wait and then read the same files)
+    with accelerator.main_process_first():
+        prepared = read_prepared(job, config)
+        if prepared is None:
+            prepared = prepare(config, job, device=device, stop=stop, progress=progress, reporter=reporter)
+    cache: LatentCache = open_latent_cache(job.cache_dir, prepared.cache_key)
+    alphas_cumprod = sd1_alphas_cumprod().to(device)
+
+    # --- model, optimizer and (on resume) their state
+    checkpoint = checkpoints.latest_checkpoint(job.checkpoints_dir) if resume else None
+    if resume and checkpoint is None:
+        log.info("no checkpoint in %s: starting from step 0", job.checkpoints_dir)
+    state = checkpoints.load_train_state(checkpoint) if checkpoint else None
+    unet = load_training_unet(config, job, checkpoint, state)
+    # Disk and memory, with the real image count and UNet size, before anything big is allocated on the device.
+    report = run_preflight(config, num_images=prepared.num_images, latent_shape=cache.latent_shape,
+                           unet_param_count=sum(p.numel() for p in unet.parameters()), num_processes=world,
+                           device=device)
+    for warning in report.warnings:
+        log.warning("preflight: %s", warning)
+    unet = unet.to(device)
+    use_sdpa_attention(unet)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(unet)
+    ema = EMA(unet, config.ema_decay) if config.ema_decay else None
+    optimizer = build_optimizer(list(unet.parameters()), config, device)
+    step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            if state["ema"] is None:
+                raise TrainingError(f"{checkpoint.path} has no EMA state but ema_decay={config.ema_decay}")
+            ema.load_state_dict(state["ema"])
+        step = state["step"]
+    model, optimizer = accelerator.prepare(unet, optimizer)
+    scaler = accelerator.scaler
+    if scaler is not None and state is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
+    if config.compile:
+        model = torch.compile(model)
+
+    renderer = None
+    if config.preview_every_steps and accelerator.is_main_process:
+        from trainer.previews import PreviewRenderer
+
+        renderer = PreviewRenderer(config, job.previews_dir, device=device)
+
+    log.info("training %s from step %d to %d: batch %d = %d processes x %d accumulation x %d micro-batch, "
+             "%d images in cache", config.name, step, config.max_steps, config.batch_size, world, accumulation,
+             config.micro_batch_size, len(cache))
+    reporter.update(JobState.TRAINING, step=step, total_steps=config.max_steps, message="training")
+    losses: dict[int, float] = {}
+    last_checkpoint = checkpoint.path if checkpoint else None
+    started = last_save = time.monotonic()
+    start_step = step
+    while step < config.max_steps:
+        # 1) learning rate of this step, set by hand (nanoGPT style: the schedule is a pure function of the step)
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # 2) forward/backward over this process's micro-batches; DDP syncs gradients on the last one
+        indices = global_batch(len(cache), config.seed, step * config.batch_size, config.batch_size)
+        loss_sum = torch.zeros((), device=device)
+        for a, micro_batch in enumerate(rank_micro_batches(indices, accumulation, world, rank)):
+            generator = micro_batch_generator(config.seed, step, a * world + rank)
+            with accelerator.accumulate(model):
+                latents = cache.sample_latents(micro_batch, generator).to(device)
+                loss = diffusion_loss(model, latents, generator, alphas_cumprod, config)
+                accelerator.backward(loss)  # divides by the accumulation steps itself
+                loss_sum += loss.detach()
+        step_loss = accelerator.reduce(loss_sum / accumulation, reduction="mean")
+        loss_value = step_loss.item()  # a CPU-GPU sync point, once per optimizer step
+        if not math.isfinite(loss_value):
+            message = (f"loss is {loss_value} at step {step + 1}; stopped without updating the weights. "
+                       f"Last good checkpoint: {last_checkpoint or 'none'}")
+            log.error(message)
+            reporter.event({"type": "error", "step": step + 1, "loss": str(loss_value), "message": message})
+            reporter.update(JobState.FAILED, last_error=message, message="non-finite loss")
+            return TrainResult(JobState.FAILED, step, losses, last_checkpoint, message)
+        # 3) clip, step, EMA
+        grad_norm = None
+        if config.max_grad_norm:
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(unet)
+        step += 1
+        losses[step] = loss_value
+        if on_step is not None:
+            on_step(step, loss_value)
+
+        # 4) report, checkpoint, preview (process 0 only writes; every process agrees on stopping)
+        elapsed = time.monotonic() - started
+        images_per_s = (step - start_step) * config.batch_size / max(elapsed, 1e-9)
+        eta = (config.max_steps - step) * config.batch_size / max(images_per_s, 1e-9)
+        reporter.event({"type": "step", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                        "images_per_s": images_per_s})
+        stop_now = bool(accelerator.reduce(torch.tensor(float(stop.is_set()), device=device), reduction="sum") > 0)
+        save_now = (step == config.max_steps or stop_now or _due(step, config.checkpoint_every_steps)
+                    or (config.checkpoint_every_minutes > 0
+                        and time.monotonic() - last_save >= 60 * config.checkpoint_every_minutes))
+        if save_now and accelerator.is_main_process:
+            info = save_checkpoint(job, config, prepared, step, unet, optimizer, ema, scaler)
+            last_checkpoint, last_save = info.path, time.monotonic()
+            reporter.event({"type": "checkpoint", "step": step, "path": str(info.path)})
+            reporter.loss_plot()
+        if renderer is not None and _due(step, config.preview_every_steps):
+            with ema.swapped_into(unet) if ema else contextlib.nullcontext(unet) as weights:
+                preview = renderer.render(weights, step)
+            reporter.event({"type": "preview", "step": step, "path": str(preview)})
+        reporter.update(JobState.STOPPING if stop_now else JobState.TRAINING, step=step, images_per_second=images_per_s,
+                        eta_seconds=eta, last_checkpoint=str(last_checkpoint) if last_checkpoint else None,
+                        message=f"{stop.reason}: saving and stopping" if stop_now else f"loss {loss_value:.4g}")
+        if stop_now:
+            break
+
+    accelerator.wait_for_everyone()
+    if step >= config.max_steps:
+        final, message = JobState.COMPLETED, f"completed {step} steps"
+    else:
+        final, message = JobState.STOPPED, f"stopped at step {step} ({stop.reason}); resume to continue"
+    reporter.update(final, step=step, eta_seconds=None, message=message,
+                    last_checkpoint=str(last_checkpoint) if last_checkpoint else None)
+    log.info(message)
+    return TrainResult(final, step, losses, last_checkpoint, message)
