@@ -1,8 +1,10 @@
-"""Command line: ``python -m gcfg_core sample ...`` — GCFG text-to-image outside the WebUI.
+"""Command line: ``python -m gcfg_core {sample,random-checkpoint} ...`` — GCFG text-to-image outside the WebUI.
 
-Writes ``NNNNN-<seed>.png`` files carrying WebUI `parameters` text (the WebUI's PNG Info reads them) and prints
-their paths on stdout; the progress bar goes to stderr. Bad input prints one line and exits with code 2.
+``sample`` writes ``NNNNN-<seed>.png`` files carrying WebUI `parameters` text (the WebUI's PNG Info reads them)
+and prints their paths on stdout; the progress bar goes to stderr. Bad input prints one line and exits with code 2.
 ``--demo`` builds tiny random models in memory, so the command runs in seconds with no files.
+``random-checkpoint`` writes a random-weight SD 1 checkpoint file (ldm key layout) for trying the tools, e.g. the
+trainer, without downloading a model; it generates noise, not pictures.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ logger = logging.getLogger("gcfg.cli")
 
 EXIT_USAGE = 2
 _OUTPUT_NAME = re.compile(r"^(\d{5})-")
+DEMO_PROMPT = "a photo of a cat"  # --demo without --prompt: the prompt term still takes part
 
 
 class CliError(ValueError):
@@ -39,43 +42,90 @@ def _scale(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number or 'classic', got {text!r}") from None
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help once: not when the help already states its default, not for
+    flags, and not for defaults that mean "not given" (None, empty), whose meaning the help spells out instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or not action.option_strings or action.nargs == 0 or default is argparse.SUPPRESS
+                or default is None or default is False or default in ("", [])):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gcfg_core", description="Generalized classifier-free guidance "
                                      "(arXiv 2312.08195) for SD 1.x, outside the WebUI.")
     commands = parser.add_subparsers(dest="command", required=True)
-    sample = commands.add_parser("sample", help="generate images with GCFG",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sample = commands.add_parser("sample", help="generate images with GCFG", description="Generate images with "
+                                 "GCFG; prints the paths of the PNGs it writes.", formatter_class=_HelpFormatter)
     models = sample.add_argument_group("models")
-    models.add_argument("--prior", type=Path, help="SD 1.x checkpoint for the unconditional term (e.g. base SD 1.5)")
+    models.add_argument("--prior", type=Path, help="SD 1.x checkpoint for the unconditional term (e.g. base SD 1.5); "
+                        "required unless --demo")
     models.add_argument("--model", type=Path, help="SD 1.x checkpoint for the prompts (default: the prior)")
-    models.add_argument("--concept", type=Path, help="concept model file (.safetensors, text-free UNet)")
+    models.add_argument("--concept", type=Path, help="concept model file (.safetensors, text-free UNet); "
+                        "without it there is no concept term")
     models.add_argument("--concept-weight", type=float, default=PARAMS_BY_NAME["concept_weight"].default,
                         help=PARAMS_BY_NAME["concept_weight"].help)
     models.add_argument("--demo", action="store_true",
-                        help="use tiny random models built in memory (no files; defaults to 64x64, 8 steps)")
+                        help="use tiny random models built in memory (no files; 64x64 px, 8 steps and the prompt "
+                             f"{DEMO_PROMPT!r} unless given)")
     prompts = sample.add_argument_group("prompts")
-    prompts.add_argument("--prompt", default="", help="the prompt (weight: --cfg-scale)")
-    prompts.add_argument("--negative-prompt", default="", help="the negative prompt")
+    prompts.add_argument("--prompt", default=None,
+                         help=f"the prompt, weight --cfg-scale (default: empty; {DEMO_PROMPT!r} with --demo)")
+    prompts.add_argument("--negative-prompt", default="", help="the negative prompt (default: empty)")
     prompts.add_argument("--negative-scale", type=_scale, default=None,
-                         help="negative prompt weight, or 'classic' (1 - CFG scale) [default: classic]")
+                         help="negative prompt weight, or 'classic' (1 - CFG scale) (default: classic)")
     prompts.add_argument("--term", action="append", default=[], metavar="TERM",
                          help="extra term, repeatable: '<weight> [@model] [{start-end}] <prompt>', e.g. "
-                              "'+4 in Van Gogh style'")
+                              "'+4 in Van Gogh style' (default: none)")
     run = sample.add_argument_group("sampling")
     run.add_argument("--sampler", default="Euler", help="k-diffusion sampler by its WebUI name")
     run.add_argument("--scheduler", default="Automatic", help="schedule type: Automatic, Uniform, Karras, Exponential")
-    run.add_argument("--steps", type=int, default=None, help="sampling steps [default: 20, or 8 with --demo]")
-    run.add_argument("--cfg-scale", type=float, default=7.0)
+    run.add_argument("--steps", type=int, default=None, help="sampling steps (default: 20, or 8 with --demo)")
+    run.add_argument("--cfg-scale", type=float, default=7.0, help="weight of the prompt")
     run.add_argument("--seed", type=int, default=-1, help="-1 = random; image i uses seed + i")
-    run.add_argument("--width", type=int, default=None, help="[default: 512, or 64 with --demo]")
-    run.add_argument("--height", type=int, default=None, help="[default: 512, or 64 with --demo]")
-    run.add_argument("--batch-size", type=int, default=1)
-    run.add_argument("--clip-skip", type=int, default=1)
+    run.add_argument("--width", type=int, default=None, help="pixels, a multiple of 64 (default: 512, or 64 with "
+                     "--demo)")
+    run.add_argument("--height", type=int, default=None, help="pixels, a multiple of 64 (default: 512, or 64 with "
+                     "--demo)")
+    run.add_argument("--batch-size", type=int, default=1, help="images per run")
+    run.add_argument("--clip-skip", type=int, default=1, help="use the CLIP text encoder's n-th last layer")
     run.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="torch device (default: cuda when available, else cpu)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+
+    text = "write a random-weight SD 1 checkpoint for trying the tools (it generates noise, not pictures)"
+    random = commands.add_parser(
+        "random-checkpoint", help=text, formatter_class=_HelpFormatter,
+        description=text[0].upper() + text[1:] + ": the ldm key layout of an SD 1.5 .safetensors checkpoint, so "
+        "the sampler, the trainer and the WebUI script load it like a real one. Use it to try the command lines "
+        "without downloading a model; prints the file's path.")
+    random.add_argument("out", type=Path, metavar="OUT.safetensors", help="output file")
+    size = random.add_mutually_exclusive_group()
+    size.add_argument("--tiny", dest="architecture", action="store_const", const="tiny",
+                      help="SD 1.5 key names and block structure at tiny widths, about 40 MB; fast on a CPU (default)")
+    size.add_argument("--full", dest="architecture", action="store_const", const="sd1",
+                      help="full SD 1.5 size (1.07 billion parameters, about 4.3 GB in fp32)")
+    random.set_defaults(architecture="tiny")
+    random.add_argument("--seed", type=int, default=0, help="weights seed; the same file for the same seed")
     return parser
+
+
+def write_random_checkpoint(out: Path, *, architecture: str = "tiny", seed: int = 0) -> Path:
+    """Save a random-weight SD 1 model (`gcfg_core.configs` TINY or SD1) as an ldm-layout `.safetensors` file."""
+    if out.suffix.lower() != ".safetensors":
+        raise CliError(f"{out}: the output file name must end in .safetensors")
+    from gcfg_core.configs import SD1, TINY
+    from gcfg_core.models import random_sd_model, save_sd_checkpoint
+
+    model = random_sd_model({"tiny": TINY, "sd1": SD1}[architecture], seed=seed)
+    save_sd_checkpoint(model, out)
+    return out
 
 
 def _terms_text(lines: Sequence[str]) -> str:
@@ -137,6 +187,7 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
     else:
         prior, main, concept = _load_models(args)
         concept_name = args.concept.name if args.concept else ""
+    prompt = args.prompt if args.prompt is not None else (DEMO_PROMPT if args.demo else "")
     settings = GCFGSettings(
         enabled=True,
         prior=prior.name if main is not prior else "",
@@ -146,7 +197,7 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
         terms=_terms_text(args.term),
     )
     request = GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
+        prompt=prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
         steps=args.steps if args.steps is not None else (8 if args.demo else 20),
         sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
         width=args.width if args.width is not None else demo_size,
@@ -164,12 +215,15 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, stream=sys.stderr,
                         format="%(name)s: %(message)s")
     try:
         # ldm prints build messages on stdout, which is reserved for the saved paths.
         with contextlib.redirect_stdout(sys.stderr):
-            paths = run_sample(args)
+            if args.command == "random-checkpoint":
+                paths = [write_random_checkpoint(args.out, architecture=args.architecture, seed=args.seed)]
+            else:
+                paths = run_sample(args)
     except (ValueError, OSError) as error:  # bad input (incl. checkpoint/concept/term errors) or unreadable files
         sys.stderr.write(f"error: {error}\n")
         return EXIT_USAGE

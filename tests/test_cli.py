@@ -131,3 +131,49 @@ def test_cli_refuses_a_non_sd1_checkpoint(tmp_path, capsys):
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}, str(path))
     assert main(["sample", "--prior", str(path), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_help_states_each_default_once_and_never_none(capsys):
+    from gcfg_core.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: )" not in text
+    assert "[default" not in text  # one style
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name in ("sample", "random-checkpoint"):
+        parser = commands[name]
+        for action in parser._actions:
+            if action.help and action.option_strings:
+                shown = parser._get_formatter()._expand_help(action)
+                assert shown.count("default") <= 1, (name, action.option_strings, shown)
+    defaults = {a.dest: parser._get_formatter()._expand_help(a) for a in commands["sample"]._actions if a.help}
+    assert defaults["steps"].endswith("(default: 20, or 8 with --demo)")
+    assert defaults["sampler"].endswith("(default: Euler)") and defaults["seed"].endswith("(default: -1)")
+
+
+def test_demo_without_a_prompt_uses_the_default_prompt(tmp_path, capsys):
+    from gcfg_core.cli import DEMO_PROMPT
+
+    assert main(["sample", "--demo", "--steps", "1", "--seed", "5", "--no-progress", "--out", str(tmp_path)]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    prompt, _negative, params = parse_parameters(read_png_parameters(path))
+    assert prompt == DEMO_PROMPT == "a photo of a cat" and params["Seed"] == "5"
+
+
+def test_random_checkpoint_writes_a_loadable_sd1_file(tmp_path, capsys):
+    from gcfg_core.checkpoint import ModelFamily, read_state_dict_shapes
+    from gcfg_core.models import load_sd_checkpoint, random_sd_model
+
+    out = tmp_path / "base.safetensors"
+    assert main(["random-checkpoint", str(out), "--seed", "3"]) == 0
+    assert capsys.readouterr().out == f"{out}\n"
+    model = load_sd_checkpoint(out, compute_hash=False)
+    assert model.family is ModelFamily.SD1 and model.architecture.name == "tiny"
+    expected = random_sd_model(seed=3).unet.state_dict()
+    assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in expected.items())
+    assert len([k for k in read_state_dict_shapes(out) if k.startswith("model.diffusion_model.")]) == 686  # SD 1.5
+    assert main(["random-checkpoint", str(tmp_path / "base.ckpt")]) == 2
+    error = capsys.readouterr().err
+    assert error == f"error: {tmp_path / 'base.ckpt'}: the output file name must end in .safetensors\n"

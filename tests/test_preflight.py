@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.config import TrainConfig
+from trainer.config import ConfigError, TrainConfig
 from trainer.preflight import (
     GB,
     SD15_UNET_PARAMS,
     PreflightError,
+    check_mixed_precision,
     estimate_disk_bytes,
     estimate_memory_bytes,
     largest_micro_batch,
     latent_shape_for,
+    nulltext_unet_param_count,
+    preflight_job,
     run_preflight,
 )
 
@@ -118,3 +121,45 @@ def test_preflight_measures_real_disk_when_not_injected(tmp_path):
                            available_device_bytes=int(1e12), available_ram_bytes=int(1e12))
     assert report.available_disk_bytes > 0 and report.reusable_disk_bytes == 0
     assert report.disk_path == str(tmp_path.resolve())  # the nearest existing folder of job_dir
+
+
+def test_nulltext_param_count_from_the_header_equals_the_converted_unet(tiny_model, tiny_checkpoint):
+    import copy
+
+    import torch
+
+    from gcfg_core.nulltext import convert_to_nulltext, transformer_block_names
+
+    unet = copy.deepcopy(tiny_model.unet)
+    vectors = {name: torch.zeros(unet.get_submodule(name).norm1.normalized_shape[0])
+               for name in transformer_block_names(unet)}
+    expected = sum(p.numel() for p in convert_to_nulltext(unet, vectors).parameters())
+    assert nulltext_unet_param_count(tiny_checkpoint) == expected
+    assert expected < sum(p.numel() for p in tiny_model.unet.parameters())  # cross-attention weights are gone
+
+
+def test_preflight_job_uses_the_header_count_and_resolution(tmp_path, tiny_checkpoint, monkeypatch):
+    from trainer import preflight
+
+    monkeypatch.setattr(preflight, "free_disk_bytes", lambda _path: int(1e13))
+    config = make(tmp_path, resolution=128, preview_every_steps=0, mixed_precision="no").with_overrides(
+        base_checkpoint=str(tiny_checkpoint))
+    report = preflight_job(config, num_images=10, device="cpu")
+    params = nulltext_unet_param_count(tiny_checkpoint)
+    assert report.ok and report.memory.static_bytes == params * 16
+    assert report.disk.cache_bytes == 10 * 8 * 16 * 16 * 4  # (2 · 4 channels) × (128 / 8)² × fp32
+    monkeypatch.setattr(preflight, "free_disk_bytes", lambda _path: 10)
+    with pytest.raises(PreflightError, match="free disk"):
+        preflight_job(config, num_images=10, device="cpu")
+
+
+def test_fp16_needs_a_gpu(tmp_path):
+    fp16 = make(tmp_path, mixed_precision="fp16", device="cpu")
+    with pytest.raises(ConfigError, match=r"^mixed_precision='fp16' needs a GPU, but device='cpu' resolves to the CPU; "
+                                          r"use mixed_precision='bf16' .* or 'no'$"):
+        check_mixed_precision(fp16)
+    check_mixed_precision(fp16, "cuda")  # the device it runs on decides
+    for ok in ("bf16", "no"):
+        check_mixed_precision(make(tmp_path, mixed_precision=ok, device="cpu"))
+    with pytest.raises(ConfigError, match="fp16"):
+        preflight_job(fp16, num_images=1)  # before anything is read

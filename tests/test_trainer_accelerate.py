@@ -16,8 +16,7 @@ from trainer import checkpoints, loop
 from trainer.jobfolder import JobFolder, JobState
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer_loop import tiny_config  # noqa: E402
-from test_trainer_resume import _cli_args  # noqa: E402
+from trainer_helpers import cli_args, tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_two_process_accelerate_run_matches_one_process_with_accumulation(tmp_path, tiny_checkpoint):
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     # 2 processes x micro-batch 2 = one process x 2 accumulation steps x micro-batch 2 (same global batch of 4)
-    args = _cli_args(tmp_path / "ddp", tiny_checkpoint, max_steps=3, checkpoint_every_steps=2)
+    args = cli_args(tmp_path / "ddp", tiny_checkpoint, max_steps=3, checkpoint_every_steps=2)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     # On CPU, `--multi_gpu` just selects the torchrun launcher; `--device cpu` makes Accelerate use gloo.
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,23 +22,8 @@ from trainer import checkpoints, loop
 from trainer.config import TrainConfig
 from trainer.jobfolder import JobFolder, JobState
 
-
-def make_dataset(folder: Path, count: int = 8, size: int = 64) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
-    return folder
-
-
-def tiny_config(tmp_path: Path, base: Path, **overrides) -> TrainConfig:
-    values = dict(dataset_dir=str(make_dataset(tmp_path / "data")), base_checkpoint=str(base),
-                  job_dir=str(tmp_path / "job"), name="tiny", resolution=64, min_image_size=0, batch_size=4,
-                  micro_batch_size=2, max_steps=4, mixed_precision="no", device="cpu", calibration_images=4,
-                  checkpoint_every_steps=2, checkpoint_every_minutes=0, preview_every_steps=0, keep_last=3)
-    values.update(overrides)
-    return TrainConfig(**values)
-
+sys.path.insert(0, str(Path(__file__).parent))
+from trainer_helpers import tiny_config  # noqa: E402
 
 # --- pure helpers
 
@@ -235,3 +221,26 @@ def test_non_finite_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_p
     errors = [e for e in job.read_events() if e.get("type") == "error"]
     assert errors and errors[0]["step"] == 3
     assert json.loads(latest.meta_path.read_text())["step"] == 2
+
+
+def test_train_refuses_fp16_on_cpu_before_accelerate_starts(tmp_path, tiny_checkpoint, monkeypatch):
+    from trainer.config import ConfigError
+
+    monkeypatch.setattr(loop, "make_accelerator", lambda *a: pytest.fail("Accelerate was started"))
+    config = tiny_config(tmp_path, tiny_checkpoint, mixed_precision="fp16", device="cpu")
+    with pytest.raises(ConfigError, match="^mixed_precision='fp16' needs a GPU"):
+        loop.train(config, JobFolder(config.job_dir), progress=False)
+
+
+def test_prepare_runs_the_preflight_after_the_scan_and_records_the_failure(tmp_path, tiny_checkpoint, monkeypatch):
+    from trainer import preflight
+
+    monkeypatch.setattr(preflight, "free_disk_bytes", lambda _path: 0)
+    monkeypatch.setattr(loop, "build_latent_cache", lambda *a, **k: pytest.fail("the cache build started"))
+    config = tiny_config(tmp_path, tiny_checkpoint)
+    job = JobFolder(config.job_dir)
+    with pytest.raises(preflight.PreflightError, match="free disk") as info:
+        loop.prepare(config, job, progress=False, num_processes=1)
+    status = job.read_status()
+    assert status.state == JobState.FAILED and status.last_error == f"PreflightError: {info.value}"
+    assert (job.path / "skipped_files.txt").is_file()  # the scan ran first

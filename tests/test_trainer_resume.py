@@ -17,7 +17,8 @@ from trainer import checkpoints, loop
 from trainer.jobfolder import JobFolder, JobState
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_trainer_loop import tiny_config  # noqa: E402
+from trainer_helpers import cli_args as _cli_args  # noqa: E402
+from trainer_helpers import tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,20 +123,6 @@ def test_crash_during_save_then_resume_uses_previous_checkpoint(tmp_path, tiny_c
 
 def _train_command(config_args: list[str]) -> list[str]:
     return [sys.executable, "-m", "trainer", "-q", "train", *config_args]
-
-
-def _cli_args(tmp_path: Path, base: Path, **extra) -> list[str]:
-    config = tiny_config(tmp_path, base, **extra)
-    args = []
-    for key, value in config.to_dict().items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, list):
-            args += [flag, *map(str, value)] if value else []
-        else:
-            args += [flag, str(value)]
-    return args
 
 
 def _env() -> dict[str, str]:

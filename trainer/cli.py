@@ -1,9 +1,13 @@
-"""`python -m trainer {prepare,train,resume,sample,status}`: the concept-UNet trainer's command line.
+"""`python -m trainer {prepare,train,resume,sample,status,demo-data}`: the concept-UNet trainer's command line.
 
 Multi-GPU / multi-node: `accelerate launch [--multi_gpu --num_processes N ...] -m trainer train ...` runs the
 same command in every process (Hugging Face Accelerate, DDP); only process 0 writes the job folder. On CPUs,
 `accelerate launch --multi_gpu --num_processes N -m trainer train ... --device cpu` runs N gloo processes.
 Bad input ends the program with one line on stderr and exit code 2; a run that fails (non-finite loss) exits 1.
+A job the machine cannot hold (disk, memory) is refused by the preflight right after the dataset scan, exit code 2.
+
+To try the trainer with no files of your own: `python -m gcfg_core random-checkpoint base.safetensors` (a tiny
+random-weight SD 1 model) and `python -m trainer demo-data DIR` (synthetic images of one simple concept).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
 
 from trainer.config import RESUME_MUTABLE_FIELDS, ConfigError, FieldSpec, TrainConfig, check_resume_compatible
 from trainer.config import config_fields as _config_fields
@@ -96,13 +103,25 @@ def _open_job(config: TrainConfig, *, allow_existing_checkpoints: bool):
     return job
 
 
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate_for_run(config: TrainConfig) -> None:
+    """Every check that needs no dataset scan: values, paths, the process split, mixed precision on the device."""
+    from trainer.preflight import check_mixed_precision
+
+    config.validate(check_paths=True, num_processes=_world_size())
+    check_mixed_precision(config)
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from trainer.loop import prepare
 
     config = config_from_args(args)
-    config.validate(check_paths=True)
+    validate_for_run(config)
     job = _open_job(config, allow_existing_checkpoints=True)
-    prepared = prepare(config, job, progress=not args.quiet)
+    prepared = prepare(config, job, progress=not args.quiet, num_processes=_world_size())
     sys.stdout.write(f"prepared {config.job_dir}: {prepared.num_images} images ({prepared.num_skipped} skipped), "
                      f"latent cache and null-text vectors ready\n")
     return EXIT_OK
@@ -120,7 +139,7 @@ def _run(config: TrainConfig, job, *, resume: bool, quiet: bool) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    config.validate(check_paths=True, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
+    validate_for_run(config)
     job = _open_job(config, allow_existing_checkpoints=False)
     return _run(config, job, resume=False, quiet=args.quiet)
 
@@ -134,7 +153,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     old = TrainConfig.load(job.config_path)
     new = old.with_overrides(**_overrides(args, _resume_fields()))
     check_resume_compatible(old, new)
-    new.validate(check_paths=True, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
+    validate_for_run(new)
     if is_main_process():
         new.save(job.config_path)
         from trainer.jobfolder import configure_file_logging
@@ -172,6 +191,53 @@ def cmd_sample(args: argparse.Namespace) -> int:
     grid, description = render_grid(spec, prior, concept)
     out = save_png(grid, args.out, f"{description}; concept {concept_path} ({metadata.steps} steps)")
     sys.stdout.write(f"wrote {out}\n")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# demo data: a synthetic one-concept dataset for trying the trainer
+
+
+def demo_image(rng: np.random.Generator, size: int) -> Image.Image:
+    """One image of the demo concept: a warm-coloured disc on a two-colour vertical gradient.
+
+    Position, radius, disc colour and background are jittered per image; the concept (a round orange-red blob
+    on a cooler background) stays the same, so a trained concept model has one thing to learn.
+    """
+    top, bottom = rng.uniform(20, 200, 3), rng.uniform(20, 200, 3)
+    rows = np.linspace(0.0, 1.0, size)[:, None, None]
+    background = (top * (1 - rows) + bottom * rows) * np.array([0.7, 0.9, 1.1])  # cooler than the disc
+    pixels = np.broadcast_to(background, (size, size, 3)).clip(0, 255).astype(np.uint8)
+    image = Image.fromarray(np.ascontiguousarray(pixels))
+    supersample = 4  # draw large and shrink: antialiased edges
+    big = image.resize((size * supersample, size * supersample), Image.Resampling.NEAREST)
+    radius = rng.uniform(0.18, 0.32) * size * supersample
+    cx, cy = rng.uniform(radius, size * supersample - radius, 2)
+    colour = tuple(int(c) for c in np.array([235, 110, 40]) + rng.integers(-25, 26, 3))
+    ImageDraw.Draw(big).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=colour)
+    return big.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def write_demo_dataset(folder: str | os.PathLike, *, count: int = 16, size: int = 64, seed: int = 0) -> list[Path]:
+    """`count` demo-concept PNGs (`demo-0000.png`, ...) of `size`² pixels in `folder`; the same files for a seed."""
+    if count < 1:
+        raise UsageError(f"--count={count} must be ≥ 1")
+    if size < 16:
+        raise UsageError(f"--size={size} must be ≥ 16")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for index in range(count):
+        path = folder / f"demo-{index:04d}.png"
+        demo_image(rng, size).save(path)
+        paths.append(path)
+    return paths
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    paths = write_demo_dataset(args.folder, count=args.count, size=args.size, seed=args.seed)
+    sys.stdout.write(f"wrote {len(paths)} demo images ({args.size}x{args.size} px) to {args.folder}\n")
     return EXIT_OK
 
 
@@ -265,17 +331,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_dir", metavar="JOB_DIR")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    text = ("write synthetic images of one simple concept (a coloured disc on a varying background) to try the "
+            "trainer with no dataset of your own")
+    p = sub.add_parser("demo-data", help=text, description=text + "; the same files for the same --seed.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("folder", metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--count", type=int, default=16, help="number of images")
+    p.add_argument("--size", type=int, default=64, help="image width and height in pixels")
+    p.add_argument("--seed", type=int, default=0, help="seed of positions, sizes and colours")
+    p.set_defaults(func=cmd_demo_data)
     return parser
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """The command line's handler: writes to whatever `sys.stderr` is now (tests and notebooks replace it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def _configure_logging(quiet: bool) -> None:
     logger = logging.getLogger("gcfg")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    handler = next((h for h in logger.handlers if isinstance(h, _ConsoleHandler)), None)
+    if handler is None:
+        handler = _ConsoleHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
-    level = logging.WARNING if quiet or not is_main_process() else logging.INFO
-    logger.setLevel(level)
+    # The level sits on the handler: the job's train.log (trainer.jobfolder) keeps INFO even with --quiet.
+    handler.setLevel(logging.WARNING if quiet or not is_main_process() else logging.INFO)
+    logger.setLevel(logging.INFO)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -48,7 +48,7 @@ from trainer.distributed import JobReporter, make_accelerator, release_accelerat
 from trainer.io import atomic_path, atomic_write_text
 from trainer.jobfolder import JobFolder, JobState
 from trainer.latent_cache import CacheKey, LatentCache, build_latent_cache, open_latent_cache, vae_moments_fn
-from trainer.preflight import run_preflight
+from trainer.preflight import check_mixed_precision, preflight_job
 
 log = logging.getLogger("gcfg.trainer.loop")
 
@@ -324,15 +324,34 @@ def read_prepared(job: JobFolder, config: TrainConfig) -> Prepared | None:
 
 
 def prepare(config: TrainConfig, job: JobFolder, *, device: torch.device | None = None,
-            stop: StopFlag | None = None, progress: bool = True, reporter: JobReporter | None = None) -> Prepared:
-    """Scan the dataset, build (or reuse) the latent cache and calibrate the null-text vectors; idempotent."""
-    device = device or resolve_device(config)
-    stop = stop or StopFlag()
-    reporter = reporter or JobReporter(job)
+            stop: StopFlag | None = None, progress: bool = True, reporter: JobReporter | None = None,
+            num_processes: int = 1) -> Prepared:
+    """Scan the dataset, run the preflight, build (or reuse) the latent cache and calibrate the null-text vectors.
+
+    Idempotent. A `PreflightError` (disk or memory short for `num_processes` processes) is raised right after the
+    scan, before any model is loaded or cache file written.
+    """
+    if reporter is not None:  # called by `train`, which records failures itself
+        return _prepare(config, job, device or resolve_device(config), stop or StopFlag(), progress, reporter,
+                        num_processes)
+    reporter = JobReporter(job)
+    try:
+        return _prepare(config, job, device or resolve_device(config), stop or StopFlag(), progress, reporter,
+                        num_processes)
+    except Exception as exc:  # recorded for the tab, then re-raised
+        reporter.update(JobState.FAILED, last_error=f"{type(exc).__name__}: {exc}", message="failed")
+        raise
+
+
+def _prepare(config: TrainConfig, job: JobFolder, device: torch.device, stop: StopFlag, progress: bool,
+             reporter: JobReporter, num_processes: int) -> Prepared:
     reporter.update(JobState.PREPARING, message="scanning images")
     scan = scan_dataset(config.dataset_dir, min_image_size=config.min_image_size)
     reporter.skipped_files("".join(f"{s.path}\t{s.reason}\n" for s in scan.skipped))
     log.info("dataset: %d images, %d skipped", len(scan.images), len(scan.skipped))
+    # Refuse now, with the real image count, rather than after the (long) cache build (anchors-training.md).
+    reporter.update(JobState.PREPARING, message="checking disk and memory")
+    preflight_job(config, num_images=len(scan.images), num_processes=num_processes, device=device)
     base = load_sd_checkpoint(config.base_checkpoint, device=device, dtype=torch.float32)
     key = CacheKey(dataset_fingerprint=scan.fingerprint, vae_sha256=base.sha256 or "", resolution=config.resolution,
                    resize_policy=config.resize_policy.value, flip=config.flip)
@@ -441,6 +460,7 @@ def train(config: TrainConfig, job: JobFolder, *, resume: bool = False, stop: St
           progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train (or resume) the concept UNet of `job` until `config.max_steps`, a stop request or a non-finite loss."""
     stop = stop or StopFlag()
+    check_mixed_precision(config)  # Accelerate would otherwise fail mid-setup with a traceback
     accelerator = make_accelerator(config)
     reporter = JobReporter(job, enabled=accelerator.is_main_process)  # only process 0 writes files
     with stop_on_signals(stop):
@@ -460,10 +480,15 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
     accumulation = config.gradient_accumulation(world)
 
     # --- data and null-text vectors (process 0 prepares; the others wait and then read the same files)
+    # Disk and memory are checked before anything expensive: inside `prepare` right after the dataset scan, or
+    # here when the job was prepared before (a resume, `prepare` then `train`, the other processes of a launch).
     with accelerator.main_process_first():
         prepared = read_prepared(job, config)
         if prepared is None:
-            prepared = prepare(config, job, device=device, stop=stop, progress=progress, reporter=reporter)
+            prepared = prepare(config, job, device=device, stop=stop, progress=progress, reporter=reporter,
+                               num_processes=world)
+        else:
+            preflight_job(config, num_images=prepared.num_images, num_processes=world, device=device)
     cache: LatentCache = open_latent_cache(job.cache_dir, prepared.cache_key)
     alphas_cumprod = sd1_alphas_cumprod().to(device)
 
@@ -473,12 +498,6 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
         log.info("no checkpoint in %s: starting from step 0", job.checkpoints_dir)
     state = checkpoints.load_train_state(checkpoint) if checkpoint else None
     unet = load_training_unet(config, job, checkpoint, state)
-    # Disk and memory, with the real image count and UNet size, before anything big is allocated on the device.
-    report = run_preflight(config, num_images=prepared.num_images, latent_shape=cache.latent_shape,
-                           unet_param_count=sum(p.numel() for p in unet.parameters()), num_processes=world,
-                           device=device)
-    for warning in report.warnings:
-        log.warning("preflight: %s", warning)
     unet = unet.to(device)
     use_sdpa_attention(unet)
     if config.gradient_checkpointing:

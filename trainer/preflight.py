@@ -22,6 +22,10 @@ Disk model: latent cache (entries · 8 · (res/8)² · 4 B, ×2 with flips) + (k
 is written before the oldest is deleted), each concept UNet weights (fp32, 4 · P) + train state (optimizer
 states, EMA) + previews (PNG, ≈1.5 B per pixel) + 5 % margin. Bytes already present in the job's cache and
 checkpoint folders are counted as available, since they are reused or rotated.
+
+When: `preflight_job` runs right after the dataset scan, before the latent cache is built or any model is loaded,
+with the image count of the scan, the UNet size read from the base checkpoint's header and the latent shape of the
+resolution, so a job that cannot fit is refused within seconds rather than after hours of caching.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import importlib.util
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +42,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from gcfg_core.checkpoint import UNET_PREFIX, read_state_dict_shapes
 from trainer.config import ConfigError, MixedPrecision, Optimizer, TrainConfig
 
 log = logging.getLogger("gcfg.trainer.preflight")
@@ -52,6 +58,8 @@ RUNTIME_OVERHEAD_BYTES = 1.5 * GB
 FRAGMENTATION = 1.10
 PNG_BYTES_PER_PIXEL = 1.5
 DISK_MARGIN = 1.05
+# Weights a null-text conversion removes from each transformer block (gcfg_core.nulltext.convert_to_nulltext).
+_CROSS_ATTENTION_KEY = re.compile(r"\.transformer_blocks\.\d+\.(attn2|norm2)\.")
 
 
 class PreflightError(ValueError):
@@ -216,6 +224,33 @@ def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def free_disk_bytes(path: Path) -> int:
+    """Free bytes on the filesystem holding `path` (a seam for tests that simulate a full disk)."""
+    return shutil.disk_usage(path).free
+
+
+def nulltext_unet_param_count(base_checkpoint: str | os.PathLike) -> int:
+    """Parameters of the null-text UNet trained from `base_checkpoint`, counted from the file's header.
+
+    The UNet's weights minus each transformer block's cross-attention (`attn2`) and its norm (`norm2`), which the
+    null-text conversion replaces by a constant buffer; a `.safetensors` file is not loaded for this.
+    """
+    shapes = read_state_dict_shapes(base_checkpoint)
+    return sum(t.numel() for key, t in shapes.items()
+               if key.startswith(UNET_PREFIX) and not _CROSS_ATTENTION_KEY.search(key))
+
+
+def check_mixed_precision(config: TrainConfig, device: torch.device | str | None = None) -> None:
+    """Raise `ConfigError` when `config.mixed_precision` cannot run on the (resolved) device.
+
+    fp16 autocast needs a GPU and its gradient scaler; on the CPU Accelerate would fail mid-setup with a traceback.
+    """
+    device = torch.device(device) if device is not None else _resolve_device(config)
+    if config.mixed_precision is MixedPrecision.FP16 and device.type == "cpu":
+        raise ConfigError(f"mixed_precision='fp16' needs a GPU, but device={config.device!r} resolves to the CPU; "
+                          "use mixed_precision='bf16' (CPUs with bfloat16 support) or 'no'")
+
+
 def available_device_memory(device: torch.device) -> int | None:
     """Free bytes on a CUDA device, free RAM for the CPU, None when unknown."""
     if device.type == "cuda":
@@ -243,8 +278,8 @@ def run_preflight(
     """Estimate disk and memory, compare with what is free, raise `PreflightError` naming each shortage.
 
     The `available_*` and `reusable_disk_bytes` arguments replace the measured values (tests, remote planning);
-    by default disk is read with `shutil.disk_usage` on the job folder's filesystem, device memory with
-    `torch.cuda.mem_get_info`, RAM with psutil.
+    by default disk is read with `free_disk_bytes` (shutil.disk_usage) on the job folder's filesystem, device
+    memory with `torch.cuda.mem_get_info`, RAM with psutil.
     """
     problems: list[str] = []
     warnings: list[str] = []
@@ -258,7 +293,7 @@ def run_preflight(
     disk = estimate_disk_bytes(config, num_images, latent_shape, unet_param_count)
     disk_path = _existing_ancestor(job_dir)
     if available_disk_bytes is None:
-        available_disk_bytes = shutil.disk_usage(disk_path).free
+        available_disk_bytes = free_disk_bytes(disk_path)
     if reusable_disk_bytes is None:
         reusable_disk_bytes = _folder_bytes(job_dir / "cache") + _folder_bytes(job_dir / "checkpoints")
     disk_free = available_disk_bytes + reusable_disk_bytes
@@ -307,3 +342,13 @@ def run_preflight(
         raise PreflightError(problems)
     log.info("preflight ok (pid %d):\n%s", os.getpid(), report.summary())
     return report
+
+
+def preflight_job(config: TrainConfig, *, num_images: int, num_processes: int = 1,
+                  device: torch.device | str | None = None) -> PreflightReport:
+    """The preflight of a job before any expensive step: the image count from the dataset scan, the UNet size
+    from the base checkpoint's header and the latent shape from the resolution; raises `PreflightError`."""
+    check_mixed_precision(config, device)
+    return run_preflight(config, num_images=num_images, latent_shape=latent_shape_for(config.resolution),
+                         unet_param_count=nulltext_unet_param_count(config.base_checkpoint),
+                         num_processes=num_processes, device=device)
