@@ -1,0 +1,104 @@
+// Drives the "GCFG Training" tab in headless Chromium (playwright-core): create a tiny job, watch its progress
+// move, take a screenshot, cancel it through the confirm dialog.
+//
+//   NODE_PATH=<dir with playwright-core> node tests/browser/training_tab.cjs URL DATASET_DIR SCREENSHOT.png
+// Env: CHROMIUM (default /usr/bin/chromium), JOB_NAME (default browser-test), TIMEOUT_MS (default 180000).
+"use strict";
+
+const { chromium } = require("playwright-core");
+
+const [url, datasetDir, screenshot] = process.argv.slice(2);
+const jobName = process.env.JOB_NAME || "browser-test";
+const timeout = Number(process.env.TIMEOUT_MS || 180000);
+
+function log(...args) {
+    process.stdout.write(args.join(" ") + "\n");
+}
+
+async function fill(page, elemId, value) {
+    const input = page.locator(`#${elemId} input, #${elemId} textarea`).first();
+    await input.fill(String(value));
+    await input.dispatchEvent("change");
+}
+
+async function rowCells(page) {
+    const row = page.locator(`#gcfg_train_jobs tr[data-job-id="${jobName}"]`);
+    if (await row.count() === 0) {
+        return null;
+    }
+    const cells = await row.locator("td").allInnerTexts();
+    return { state: cells[1].trim(), step: Number(cells[3].split("/")[0]), text: cells.join(" | ") };
+}
+
+async function waitForRow(page, predicate, what) {
+    const deadline = Date.now() + timeout;
+    let last = null;
+    while (Date.now() < deadline) {
+        last = await rowCells(page);
+        if (last !== null && predicate(last)) {
+            return last;
+        }
+        await page.waitForTimeout(250);
+    }
+    throw new Error(`timed out waiting for ${what}; last row: ${last && last.text}`);
+}
+
+(async () => {
+    const browser = await chromium.launch({
+        executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+        args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+    });
+    const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
+    page.on("pageerror", (error) => log("page error:", error.message));
+    const dialogs = [];
+    page.on("dialog", async (dialog) => {
+        dialogs.push(dialog.message());
+        await dialog.accept();
+    });
+    await page.goto(url);
+    await page.waitForSelector("#gcfg_train_jobs", { timeout: 60000 });
+    await page.waitForSelector(".gcfg-train-empty");
+
+    // The form: a tiny job (16 images of 64 px, batch 4), previews every 4 steps.
+    await fill(page, "gcfg_train_name", jobName);
+    await fill(page, "gcfg_train_dataset_dir", datasetDir);
+    await fill(page, "gcfg_train_resolution", 64);
+    await fill(page, "gcfg_train_max_steps", 400);
+    await fill(page, "gcfg_train_batch_size", 4);
+    await fill(page, "gcfg_train_micro_batch_size", 2);
+    await fill(page, "gcfg_train_checkpoint_every_steps", 4);
+    await fill(page, "gcfg_train_preview_every_steps", 4);
+    await page.locator("#gcfg_train_advanced").getByText("Advanced").first().click();
+    await fill(page, "gcfg_train_min_image_size", 0);
+    await fill(page, "gcfg_train_calibration_images", 4);
+    await fill(page, "gcfg_train_preview_steps", 3);
+    await fill(page, "gcfg_train_preview_seeds", "0, 1");
+    await page.locator("#gcfg_train_advanced").getByText("Advanced").first().click();
+    await page.click("#gcfg_train_start");
+    await page.waitForSelector("#gcfg_train_form_message .gcfg-train-ok", { timeout: 30000 });
+    log("created:", await page.locator("#gcfg_train_form_message").first().innerText());
+
+    // Progress moves without any click: the page polls by itself.
+    const first = await waitForRow(page, (r) => r.state.startsWith("training") && r.step >= 1, "training");
+    log("training:", first.text);
+    const later = await waitForRow(page, (r) => r.step >= first.step + 4, "progress");
+    log("progress:", later.text);
+    await page.waitForSelector("#gcfg_train_preview img", { timeout: 60000 });
+    await page.waitForTimeout(2500); // one more poll: loss plot and log up to date
+    await page.screenshot({ path: screenshot, fullPage: true });
+    log("screenshot:", screenshot);
+
+    // Cancel through the confirm dialog.
+    await page.click("#gcfg_train_cancel");
+    const cancelled = await waitForRow(page, (r) => r.state.startsWith("cancelled"), "cancelled");
+    log("cancelled:", cancelled.text);
+    if (!dialogs.some((m) => m.includes("Cancel training job"))) {
+        throw new Error(`no confirm dialog before cancelling: ${JSON.stringify(dialogs)}`);
+    }
+    await page.screenshot({ path: screenshot.replace(/\.png$/, "-cancelled.png"), fullPage: true });
+    await browser.close();
+    log("OK");
+})().catch((error) => {
+    process.stderr.write(`FAILED: ${error.stack || error}\n`);
+    process.exit(1);
+});

@@ -1,0 +1,131 @@
+// End-to-end run of the "GCFG Training" tab in a real WebUI (headless Chromium, playwright-core): start a tiny job,
+// watch progress, stop it, resume it to completion, then find its concept model in txt2img's GCFG accordion.
+//
+//   NODE_PATH=<dir with playwright-core> node tests/browser/webui_training_tab.cjs URL DATASET_DIR OUT_DIR
+// Env: CHROMIUM (default /usr/bin/chromium), JOB_NAME (default faces-tiny), MAX_STEPS (default 40),
+//      TIMEOUT_MS (default 300000). Writes OUT_DIR/training-tab-{running,stopped,completed}.png and txt2img-concept.png.
+"use strict";
+
+const path = require("path");
+const { chromium } = require("playwright-core");
+
+const [url, datasetDir, outDir] = process.argv.slice(2);
+const jobName = process.env.JOB_NAME || "faces-tiny";
+const maxSteps = Number(process.env.MAX_STEPS || 40);
+const timeout = Number(process.env.TIMEOUT_MS || 300000);
+
+function log(...args) {
+    process.stdout.write(args.join(" ") + "\n");
+}
+
+async function fill(page, elemId, value) {
+    const input = page.locator(`#${elemId} input, #${elemId} textarea`).first();
+    await input.fill(String(value));
+    await input.dispatchEvent("change");
+}
+
+async function row(page) {
+    const tr = page.locator(`#gcfg_train_jobs tr[data-job-id="${jobName}"]`);
+    if (await tr.count() === 0) {
+        return null;
+    }
+    const cells = await tr.locator("td").allInnerTexts();
+    return { state: cells[1].trim(), step: Number(cells[3].split("/")[0]), text: cells.join(" | ") };
+}
+
+async function waitForRow(page, predicate, what) {
+    const deadline = Date.now() + timeout;
+    let last = null;
+    while (Date.now() < deadline) {
+        last = await row(page);
+        if (last !== null && predicate(last)) {
+            log(`${what}:`, last.text);
+            return last;
+        }
+        await page.waitForTimeout(300);
+    }
+    throw new Error(`timed out waiting for ${what}; last row: ${last && last.text}`);
+}
+
+async function shot(page, name, selector) {
+    const file = path.join(outDir, name);
+    await page.evaluate(() => window.scrollTo(0, 0));
+    await page.locator(selector).first().screenshot({ path: file });
+    log("screenshot:", file);
+}
+
+(async () => {
+    const browser = await chromium.launch({
+        executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+        args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+    });
+    const page = await browser.newPage({ viewport: { width: 1360, height: 1080 } });
+    page.on("pageerror", (error) => log("page error:", error.message));
+    page.on("dialog", (dialog) => dialog.accept());
+    await page.goto(url);
+    await page.waitForSelector("#tab_gcfg_training", { state: "attached", timeout: 120000 });
+    await page.getByRole("button", { name: "GCFG Training", exact: true }).click();
+    await page.waitForSelector("#gcfg_train_jobs");
+
+    await fill(page, "gcfg_train_name", jobName);
+    await fill(page, "gcfg_train_dataset_dir", datasetDir);
+    await fill(page, "gcfg_train_resolution", 64);
+    await fill(page, "gcfg_train_max_steps", maxSteps);
+    await fill(page, "gcfg_train_batch_size", 4);
+    await fill(page, "gcfg_train_micro_batch_size", 2);
+    await fill(page, "gcfg_train_checkpoint_every_steps", 8);
+    await fill(page, "gcfg_train_preview_every_steps", 8);
+    await fill(page, "gcfg_train_preview_prompts", "a photo");
+    const advanced = page.locator("#gcfg_train_advanced").getByText("Advanced").first();
+    await advanced.click();
+    await fill(page, "gcfg_train_min_image_size", 0);
+    await fill(page, "gcfg_train_calibration_images", 4);
+    await fill(page, "gcfg_train_preview_steps", 3);
+    await fill(page, "gcfg_train_preview_seeds", "0, 1, 2");
+    await advanced.click();
+    await page.click("#gcfg_train_start");
+    await page.waitForSelector("#gcfg_train_form_message .gcfg-train-ok", { timeout: 30000 });
+
+    // start, progress
+    const first = await waitForRow(page, (r) => r.state.startsWith("training") && r.step >= 1, "training");
+    await waitForRow(page, (r) => r.step >= Math.max(first.step + 6, 9), "progress");
+    await page.waitForSelector("#gcfg_train_preview img", { timeout: 120000 });
+    await page.waitForTimeout(2500);
+    await shot(page, "training-tab-running.png", "#tab_gcfg_training");
+
+    // stop (keeps a checkpoint), resume
+    await page.click("#gcfg_train_stop");
+    const stopped = await waitForRow(page, (r) => r.state.startsWith("stopped"), "stopped");
+    await page.waitForTimeout(2500);
+    await shot(page, "training-tab-stopped.png", "#tab_gcfg_training");
+    await page.click("#gcfg_train_resume");
+    await waitForRow(page, (r) => r.state.startsWith("training") && r.step > stopped.step, "resumed");
+    await waitForRow(page, (r) => r.state.startsWith("completed"), "completed");
+    await page.waitForTimeout(3000);
+    await shot(page, "training-tab-completed.png", "#tab_gcfg_training");
+
+    // the concept model in txt2img's GCFG accordion
+    await page.getByRole("button", { name: "txt2img", exact: true }).click();
+    const accordion = page.locator("#script_txt2img_gcfg_enabled");
+    await accordion.scrollIntoViewIfNeeded();
+    await accordion.locator(".label-wrap").first().click();
+    await page.click("#script_txt2img_gcfg_concept_refresh");
+    await page.waitForTimeout(1500);
+    const concept = page.locator("#script_txt2img_gcfg_concept input").first();
+    await concept.click();
+    const option = page.locator("ul.options li", { hasText: `${jobName}.safetensors` }).first();
+    await option.waitFor({ timeout: 30000 });
+    await option.click();
+    await page.waitForTimeout(500);
+    const value = await concept.inputValue();
+    if (!value.includes(jobName)) {
+        throw new Error(`concept dropdown shows ${value}`);
+    }
+    log("concept selected:", value);
+    await shot(page, "txt2img-concept.png", "#script_txt2img_gcfg_enabled");
+    await browser.close();
+    log("OK");
+})().catch((error) => {
+    process.stderr.write(`FAILED: ${error.stack || error}\n`);
+    process.exit(1);
+});

@@ -1,0 +1,249 @@
+"""The "GCFG Training" tab: form derived from the config fields, handlers, Blocks, and the entry script on the fake
+WebUI host."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gcfg_webui import training_tab
+from gcfg_webui.jobs_api import TrainingHost
+from gcfg_webui.training_tab import TrainingTab, form_fields, parse_widget, render_jobs_html, widget_value
+from trainer.config import TrainConfig, config_fields
+from trainer.jobfolder import JobState
+from trainer.jobs import JobAction, JobInfo, JobManager, LaunchSpec, PathPolicy
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+TITLE = "base.safetensors [0123456789]"
+
+
+@pytest.fixture()
+def host(tmp_path):
+    datasets = tmp_path / "datasets"
+    (datasets / "faces").mkdir(parents=True)
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"weights")
+    launch = LaunchSpec(pythonpath=(str(TESTS_DIR), str(REPO_ROOT)), module="fake_trainer",
+                        env={"FAKE_STEP_S": "0.05"})
+    manager = JobManager(tmp_path / "jobs", launch=launch, publish_dir=tmp_path / "concepts")
+    yield TrainingHost(manager=manager, policy=PathPolicy((str(datasets),)), checkpoint_titles=lambda: [TITLE],
+                       resolve_checkpoint={TITLE: str(base)}.get, devices=lambda: ["auto", "cpu"])
+    for info in manager.list_jobs():
+        if JobAction.CANCEL in info.actions:
+            manager.cancel(info.id)
+
+
+def form_values(tab: TrainingTab, **overrides) -> list:
+    """The widget values of the form in `create`'s argument order, defaults plus overrides."""
+    values = []
+    for spec in tab.main_fields + tab.advanced_fields:
+        values.append(overrides.pop(spec.name, widget_value(spec)))
+    assert not overrides, overrides
+    return values
+
+
+def tiny_form(tab: TrainingTab, host: TrainingHost, name: str = "faces", **overrides):
+    fields = dict(resolution=64, batch_size=4, micro_batch_size=2, max_steps=10_000, preview_every_steps=0)
+    fields.update(overrides)
+    dataset = str(Path(host.policy.dataset_roots[0]) / "faces")
+    return (name, dataset, TITLE, "cpu", False, *form_values(tab, **fields))
+
+
+# --- the form is derived from the config declaration
+
+
+def test_form_covers_every_config_field_once():
+    main, advanced = form_fields()
+    names = [s.name for s in main + advanced] + list(training_tab.SPECIAL_FIELDS)
+    assert sorted(names) == sorted(f.name for f in dataclasses.fields(TrainConfig) if f.name != "job_dir")
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("spec", config_fields(), ids=lambda s: s.name)
+def test_widget_values_round_trip_to_the_config_defaults(spec):
+    if spec.required:
+        return
+    expected = spec.default.value if isinstance(spec.default, enum.Enum) else spec.default
+    parsed = parse_widget(spec, widget_value(spec))
+    assert (tuple(parsed) if spec.type is tuple else parsed) == expected
+
+
+def test_parse_widget_reads_prompt_lines_and_seed_lists():
+    specs = {s.name: s for s in config_fields()}
+    assert parse_widget(specs["preview_prompts"], " a cat \n\n in snow\n") == ["a cat", "in snow"]
+    assert parse_widget(specs["preview_seeds"], "1, 2 3,,x") == [1, 2, 3, "x"]  # "x" is left for the config to name
+    assert parse_widget(specs["max_steps"], 100.0) == 100 and isinstance(parse_widget(specs["max_steps"], 1.0), int)
+
+
+def test_format_duration():
+    assert training_tab.format_duration(None) == "–"
+    assert training_tab.format_duration(75) == "1m 15s"
+    assert training_tab.format_duration(3 * 3600 + 120) == "3h 02m"
+    assert training_tab.format_duration(50 * 3600) == "2d 2h"
+
+
+def _info(**changes) -> JobInfo:
+    values = dict(id="a", name="a", state=JobState.TRAINING, step=25, total_steps=100, progress=0.25,
+                  images_per_second=3.5, eta_seconds=90.0, message="loss 0.1", last_error=None, created="",
+                  updated="", device="cpu", queue_position=None, actions=(JobAction.STOP, JobAction.CANCEL),
+                  requested=None, pid=1, last_checkpoint=None, published=None, dataset_dir="", base_checkpoint="",
+                  unload_webui_model=False)
+    values.update(changes)
+    return JobInfo(**values)
+
+
+def test_jobs_html_shows_progress_and_escapes_text():
+    text = render_jobs_html([_info(message='<img src=x onerror="alert(1)">'),
+                             _info(id="b", name="b", state=JobState.QUEUED, queue_position=2, progress=0.0,
+                                   eta_seconds=None, images_per_second=None)], "a")
+    assert 'data-job-id="a"' in text and 'class="gcfg-train-row selected"' in text
+    assert "width:25.0%" in text and "25/100" in text and "3.50" in text and "1m 30s" in text
+    assert "queued #2" in text
+    assert "<img" not in text and "&lt;img" in text
+    assert "No training jobs yet" in render_jobs_html([], None)
+
+
+# --- handlers
+
+
+def test_create_reports_every_problem_by_label_and_creates_nothing(host):
+    tab = TrainingTab(host)
+    message, job_id = tab.create(*tiny_form(tab, host, name="", learning_rate=0, batch_size=5))
+    assert job_id == ""
+    assert "Output name" in message and "Learning rate" in message and "Batch size" in message
+    assert host.manager.list_jobs() == []
+
+
+def test_create_poll_and_actions(host):
+    gr = pytest.importorskip("gradio")
+    tab = TrainingTab(host)
+    message, job_id = tab.create(*tiny_form(tab, host, name="my faces"))
+    assert job_id == "my_faces" and "created" in message
+    deadline = time.monotonic() + 30
+    while host.manager.get(job_id).step < 2:
+        assert time.monotonic() < deadline
+        host.manager.tick()
+        time.sleep(0.05)
+    selected, sent, jobs, detail, loss, preview, log, stop, cancel, resume, delete = tab.poll("", {})
+    assert selected == job_id and sent["job"] == job_id  # the running job is selected by default
+    assert 'data-job-id="my_faces"' in jobs and "training" in detail
+    assert loss is not None and loss.size == (640, 300)
+    assert [b["interactive"] for b in (stop, cancel, resume, delete)] == [True, True, False, False]
+    # unchanged images are not sent again
+    again = tab.poll(selected, sent)
+    assert again[5] == gr.update()
+    assert "Stopping" in tab.act("stop", selected)
+    while host.manager.get(job_id).state != JobState.STOPPED:
+        assert time.monotonic() < deadline
+        host.manager.tick()
+        time.sleep(0.05)
+    *_, stop, cancel, resume, delete = tab.poll(selected, sent)
+    assert [b["interactive"] for b in (stop, cancel, resume, delete)] == [False, False, True, True]
+    assert tab.act("delete", selected, False) == ""  # the confirm dialog said no
+    assert host.manager.get(job_id).state == JobState.STOPPED
+    assert "cannot stop" in tab.act("stop", selected)
+    assert "Deleted" in tab.act("delete", selected, True)
+    assert tab.poll(selected, sent)[0] == ""
+    assert "Select a job first" in tab.act("resume", "")
+
+
+def test_build_wires_the_poll_through_javascript_without_the_queue(host):
+    pytest.importorskip("gradio")
+    blocks = training_tab.build(host)
+    polls = [d for d in blocks.config["dependencies"] if d.get("js") == "gcfgTrainPollArgs"]
+    assert len(polls) == 1 and polls[0]["queue"] is False and polls[0]["show_progress"] == "hidden"
+    confirms = [d["js"] for d in blocks.config["dependencies"] if "gcfgTrainConfirm" in (d.get("js") or "")]
+    assert len(confirms) == 4
+    ids = {c["props"].get("elem_id") for c in blocks.config["components"]}
+    assert {"gcfg_train_poll", "gcfg_train_jobs", "gcfg_train_start", "gcfg_train_learning_rate",
+            "gcfg_train_ema_decay", "gcfg_train_device", "gcfg_train_unload"} <= ids
+
+
+# --- the entry script on the fake WebUI host
+
+
+_WEBUI_BOUND = ("modules", "harness", "fake_runtime")  # top-level names bound to one fake WebUI instance
+_HOST_FREE = {"gcfg_webui", "gcfg_webui.api", "gcfg_webui.jobs_api", "gcfg_webui.training_tab"}
+
+
+def _bound(name: str) -> bool:
+    return name.split(".")[0] in _WEBUI_BOUND or (name.startswith("gcfg_webui.") and name not in _HOST_FREE)
+
+
+@pytest.fixture()
+def fresh_fake_webui():
+    """A fresh fake WebUI for this test only: modules bound to another test's fake `modules` (gcfg_webui's glue
+    imports `modules.paths` once) are set aside and put back afterwards, so test order does not matter."""
+    import gcfg_webui
+
+    def drop_bound() -> dict:
+        dropped = {name: sys.modules.pop(name) for name in [n for n in sys.modules if _bound(n)]}
+        for name in dropped:  # `from gcfg_webui import x` reads the package attribute before sys.modules
+            if name.startswith("gcfg_webui."):
+                gcfg_webui.__dict__.pop(name.split(".", 1)[1], None)
+        return dropped
+
+    saved = drop_bound()
+    sys.path.insert(0, str(TESTS_DIR / "fake_webui"))
+    yield
+    sys.path.remove(str(TESTS_DIR / "fake_webui"))
+    drop_bound()
+    sys.modules.update(saved)
+    for name, module in saved.items():
+        if name.startswith("gcfg_webui.") and "." not in name.split(".", 1)[1]:
+            setattr(gcfg_webui, name.split(".", 1)[1], module)
+
+
+def test_entry_script_registers_the_tab_and_the_routes(tmp_path, monkeypatch, fresh_fake_webui):
+    pytest.importorskip("gradio")
+    from harness import enable_fake_modules
+
+    enable_fake_modules()
+    from modules import paths, script_callbacks, sd_models
+
+    from gcfg_webui import jobs_api
+
+    registered: dict[str, list] = {}
+    monkeypatch.setattr(script_callbacks, "on_ui_tabs", lambda fn, **_: registered.setdefault("tabs", []).append(fn),
+                        raising=False)
+    monkeypatch.setattr(script_callbacks, "on_app_started",
+                        lambda fn, **_: registered.setdefault("app", []).append(fn))
+    monkeypatch.setattr(paths, "models_path", str(tmp_path / "models"))
+    monkeypatch.setattr(paths, "data_path", str(tmp_path), raising=False)
+    monkeypatch.setattr(jobs_api, "_webui_host", None, raising=False)
+    base = tmp_path / "models" / "Stable-diffusion" / "base.safetensors"
+    base.parent.mkdir(parents=True)
+    base.write_bytes(b"")
+    monkeypatch.setattr(sd_models, "checkpoints_list", {})
+    monkeypatch.setattr(sd_models, "checkpoint_aliases", {})
+    sd_models.register(str(base))
+
+    spec = importlib.util.spec_from_file_location("gcfg_training.py", REPO_ROOT / "scripts" / "gcfg_training.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        [(blocks, title, elem_id)] = registered["tabs"][0]()
+        assert (title, elem_id) == ("GCFG Training", "gcfg_training")
+        host = jobs_api._webui_host
+        assert host.manager.root == (tmp_path / "models" / "GCFG-training").resolve()
+        assert host.manager.publish_dir == (tmp_path / "models" / "GCFG").resolve()
+        assert host.manager.launch.pythonpath[0] == str(REPO_ROOT)
+        assert host.policy.dataset_roots == (str(tmp_path.resolve()),)
+        assert host.resolve_checkpoint("base.safetensors [0123456789]") == str(base)
+        assert host.resolve_checkpoint("nothing-like-it") is None
+        from fastapi import FastAPI
+        from fastapi.testclient import TestClient
+
+        app = FastAPI()
+        registered["app"][0](None, app)
+        assert TestClient(app).get("/gcfg/v1/jobs").json() == {"jobs": []}
+    finally:
+        if jobs_api._webui_host is not None:
+            jobs_api._webui_host.manager.shutdown()
