@@ -2,7 +2,7 @@
 
 `-q train --config CFG` / `-q resume JOB`; SIGTERM saves a "checkpoint" and ends as stopped. Env: FAKE_STEP_S (step
 time, default 0.02 s), FAKE_FAIL (exit 2 at once with a CLI-style error line), FAKE_CACHE_S (stay this long in
-"caching"; SIGTERM there ends as the real trainer does today: failed with CacheInterrupted, exit code 1).
+"caching"; SIGTERM there ends as the real trainer does: stopped, with the finished shards kept, exit code 0).
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ def main(argv: list[str]) -> int:
         job.write_status(JobStatus(state=JobState.CACHING, phase_done=1, phase_total=2, pid=os.getpid()))
         time.sleep(0.02)
         if stop:
-            job.write_status(JobStatus(state=JobState.FAILED, pid=os.getpid(), message="failed",
-                                       last_error="CacheInterrupted: latent cache build stopped on request"))
-            return 1
+            job.write_status(JobStatus(state=JobState.STOPPED, pid=os.getpid(),
+                                       message="stopped while caching latents; resume continues from the finished "
+                                               "shards"))
+            return 0
     job.write_status(JobStatus(state=JobState.TRAINING, step=start, total_steps=total, pid=os.getpid()))
     step = start
     while step < total and not stop:

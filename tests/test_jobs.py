@@ -305,8 +305,8 @@ def test_stop_while_caching_is_a_resumable_stop(fake_manager, fake_env):
     caching = wait_for(manager, "tiny", in_state(JobState.CACHING), 30)
     assert caching.progress == 0.5 and JobAction.STOP in caching.actions
     manager.stop("tiny")
-    stopped = wait_for(manager, "tiny", in_state(JobState.STOPPED), 30)  # the trainer itself wrote "failed"
-    assert stopped.last_error is None and "stopped during preparation" in stopped.message
+    stopped = wait_for(manager, "tiny", in_state(JobState.STOPPED), 30)
+    assert stopped.last_error is None and "stopped while caching" in stopped.message
     assert JobAction.RESUME in stopped.actions
 
 

@@ -164,3 +164,9 @@ def test_config_fields_describe_every_field():
     assert specs["optimizer"].choices == ("adamw", "adamw8bit") and specs["optimizer"].default is Optimizer.ADAMW
     assert specs["name"].required and not specs["resolution"].required
     assert specs["learning_rate"].resume_mutable and not specs["seed"].resume_mutable
+
+
+@pytest.mark.parametrize("name", ["faces\n", ".hidden", "a/b", "", "x" * 101, "a b"])
+def test_job_name_must_be_a_plain_file_name(name):
+    with pytest.raises(ConfigError, match="name"):
+        make(name=name)

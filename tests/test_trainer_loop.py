@@ -244,3 +244,18 @@ def test_prepare_runs_the_preflight_after_the_scan_and_records_the_failure(tmp_p
     status = job.read_status()
     assert status.state == JobState.FAILED and status.last_error == f"PreflightError: {info.value}"
     assert (job.path / "skipped_files.txt").is_file()  # the scan ran first
+
+
+def test_stop_while_caching_ends_stopped_and_resume_finishes_the_job(tmp_path, tiny_checkpoint):
+    config = tiny_config(tmp_path, tiny_checkpoint, max_steps=2, checkpoint_every_steps=2)
+    job = JobFolder(config.job_dir)
+    stop = loop.StopFlag()
+    stop.request("test")  # polled before the first cache batch
+
+    result = loop.train(config, job, stop=stop, progress=False)
+
+    assert (result.state, result.step, result.checkpoint) == (JobState.STOPPED, 0, None)
+    status = job.read_status()
+    assert status.state == JobState.STOPPED and status.last_error is None and "caching" in status.message
+    resumed = loop.train(config, job, resume=True, progress=False)
+    assert (resumed.state, resumed.step) == (JobState.COMPLETED, 2)

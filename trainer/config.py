@@ -299,7 +299,7 @@ _FIELD_TYPES: dict[str, Any] = {
 }
 _TUPLE_ITEM_TYPES = {"preview_prompts": str, "preview_seeds": int}
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _MAX_SEED = 2**32 - 1  # numpy's limit; torch accepts more but the loop may seed numpy too
 
@@ -369,7 +369,8 @@ def _value_problems(c: TrainConfig) -> list[str]:
 
     for name in ("dataset_dir", "base_checkpoint", "job_dir"):
         need(bool(getattr(c, name).strip()), name, "must not be empty")
-    need(bool(_NAME_RE.match(c.name)), "name", "must be 1-100 letters, digits, '.', '_' or '-' (not starting with '.')")
+    need(bool(_NAME_RE.fullmatch(c.name)), "name",
+         "must be 1-100 letters, digits, '.', '_' or '-' (not starting with '.')")
     need(64 <= c.resolution <= 4096 and c.resolution % 64 == 0, "resolution",
          "must be a multiple of 64 between 64 and 4096 (the VAE downsamples 8×, the UNet 8× more)")
     need(c.min_image_size >= 0, "min_image_size", "must be ≥ 0 (0 = keep every size)")

@@ -769,11 +769,6 @@ class JobManager:
         state, changes = status.state, {}
         if record.requested == JobAction.CANCEL.value and state != JobState.COMPLETED:
             state, changes = JobState.CANCELLED, {"message": "cancelled", "last_error": None}
-        elif record.requested == JobAction.STOP.value and state == JobState.FAILED and \
-                (status.last_error or "").startswith("CacheInterrupted"):
-            # Stopped while the latent cache was being built: finished shards are kept, resume continues there.
-            state, changes = JobState.STOPPED, {"message": "stopped during preparation; resume to continue",
-                                                "last_error": None}
         elif state in ACTIVE_STATES or state == JobState.QUEUED:
             if record.requested == JobAction.STOP.value and returncode == -signal.SIGTERM:
                 # SIGTERM arrived before the trainer installed its handler (while importing): nothing to save.

@@ -47,7 +47,14 @@ from trainer.data import scan_dataset
 from trainer.distributed import JobReporter, make_accelerator, release_accelerator, resolve_device
 from trainer.io import atomic_path, atomic_write_text
 from trainer.jobfolder import JobFolder, JobState
-from trainer.latent_cache import CacheKey, LatentCache, build_latent_cache, open_latent_cache, vae_moments_fn
+from trainer.latent_cache import (
+    CacheInterrupted,
+    CacheKey,
+    LatentCache,
+    build_latent_cache,
+    open_latent_cache,
+    vae_moments_fn,
+)
 from trainer.preflight import check_mixed_precision, preflight_job
 
 log = logging.getLogger("gcfg.trainer.loop")
@@ -485,8 +492,14 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
     with accelerator.main_process_first():
         prepared = read_prepared(job, config)
         if prepared is None:
-            prepared = prepare(config, job, device=device, stop=stop, progress=progress, reporter=reporter,
-                               num_processes=world)
+            try:
+                prepared = prepare(config, job, device=device, stop=stop, progress=progress, reporter=reporter,
+                                   num_processes=world)
+            except CacheInterrupted:
+                # A stop request while encoding: the finished shards stay and a resume continues from them.
+                message = "stopped while caching latents; resume continues from the finished shards"
+                reporter.update(JobState.STOPPED, message=message)
+                return TrainResult(JobState.STOPPED, 0, {}, None, message)
         else:
             preflight_job(config, num_images=prepared.num_images, num_processes=world, device=device)
     cache: LatentCache = open_latent_cache(job.cache_dir, prepared.cache_key)
