@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +47,7 @@ from gcfg_core.configs import (
     VAEConfig,
     sd1_alphas_cumprod,
 )
+from gcfg_core.fileio import atomic_path
 from gcfg_core.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, MODEL_MAX_LENGTH, clip_tokenizer
 
 logger = logging.getLogger("gcfg.models")
@@ -466,18 +466,8 @@ def _detached_unshared(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                             metadata: Mapping[str, str] | None = None) -> None:
     """Write a safetensors file through a temp file in the same folder, fsync and `os.replace`."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(_detached_unshared(tensors), temp_name, metadata=dict(metadata) if metadata else None)
-        with open(temp_name, "rb+") as written:
-            os.fsync(written.fileno())
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
+    with atomic_path(path) as tmp:
+        save_file(_detached_unshared(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
 
 
 def save_sd_checkpoint(model: SDModel, path: str | os.PathLike) -> None:

@@ -12,7 +12,7 @@ import sys
 import pytest
 from PIL import Image
 
-from trainer.io import atomic_write_bytes, atomic_write_with
+from gcfg_core.fileio import atomic_write_bytes, atomic_write_with
 from trainer.jobfolder import (
     JobFolder,
     JobState,

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from trainer.io import atomic_write_text
+from gcfg_core.fileio import atomic_write_text, fsync_dir
 
 log = logging.getLogger("gcfg.trainer.checkpoints")
 
@@ -38,17 +38,6 @@ LATEST_FILE = "latest"
 TRAIN_STATE_FORMAT = "gcfg.train-state/1"
 _NAME = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make renames inside `directory` durable (POSIX records them only once the directory is synced)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CheckpointError(ValueError):
@@ -193,7 +182,7 @@ def write_checkpoint(
             f.write(meta_text)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             # Re-saving a step (e.g. a stop right after a periodic save): swap, never leave a gap without it.
             old = root / f"{_TMP_PREFIX}replaced-{final.name}-{os.getpid()}"
@@ -202,7 +191,7 @@ def write_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.io import atomic_write_text
+from gcfg_core.fileio import atomic_write_text
 
 CONFIG_VERSION = 1
 CONFIG_FILENAME = "config.json"

@@ -32,7 +32,7 @@ from typing import Any
 import psutil
 from PIL import Image, ImageDraw, ImageFont
 
-from trainer.io import atomic_write_bytes, atomic_write_text
+from gcfg_core.fileio import atomic_write_bytes, atomic_write_text
 
 __all__ = ["JobState", "JobStatus", "JobFolder", "configure_file_logging", "render_loss_plot", "smooth",
            "nice_ticks", "tick_labels", "pid_alive", "atomic_write_bytes", "atomic_write_text", "ACTIVE_STATES",

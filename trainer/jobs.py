@@ -42,8 +42,8 @@ from typing import Any
 
 import psutil
 
+from gcfg_core.fileio import atomic_write_bytes, atomic_write_text
 from trainer.config import ConfigError, TrainConfig, check_resume_compatible
-from trainer.io import atomic_write_bytes, atomic_write_text
 from trainer.jobfolder import ACTIVE_STATES, JobFolder, JobState, JobStatus, render_loss_plot, utc_now_iso
 
 try:  # POSIX: serialise managers of the same root across processes (two WebUIs, a restart overlapping the old one)

@@ -44,9 +44,9 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from gcfg_core.configs import SCALE_FACTOR
+from gcfg_core.fileio import atomic_path, atomic_write_text
 from trainer.config import ResizePolicy
 from trainer.data import DatasetScan, ImageDataset
-from trainer.io import atomic_path, atomic_write_text
 
 log = logging.getLogger("gcfg.trainer.latent_cache")
 

@@ -39,13 +39,13 @@ from torch import nn
 from gcfg_core.attention import use_sdpa_attention
 from gcfg_core.concept_file import ConceptMetadata, load_concept_model, save_concept_model
 from gcfg_core.configs import sd1_alphas_cumprod
+from gcfg_core.fileio import atomic_path, atomic_write_text
 from gcfg_core.models import load_sd_checkpoint
 from gcfg_core.nulltext import calibrate_nulltext, convert_to_nulltext
 from trainer import checkpoints
 from trainer.config import LRSchedule, Optimizer, TrainConfig
 from trainer.data import scan_dataset
 from trainer.distributed import JobReporter, make_accelerator, release_accelerator, resolve_device
-from trainer.io import atomic_path, atomic_write_text
 from trainer.jobfolder import JobFolder, JobState
 from trainer.latent_cache import (
     CacheInterrupted,

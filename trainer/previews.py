@@ -18,11 +18,11 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import nn
 
+from gcfg_core.fileio import atomic_path
 from gcfg_core.models import SDModel, load_sd_checkpoint
 from gcfg_core.params import GCFGSettings
 from gcfg_core.pipeline import GenerationRequest, generate
 from trainer.config import TrainConfig
-from trainer.io import atomic_path
 
 log = logging.getLogger("gcfg.trainer.previews")
 

@@ -1,4 +1,4 @@
-"""Crash-safe file writes shared by the job folder, the config, the latent cache and checkpoints.
+"""Crash-safe file writes shared by model files, the job folder, the config, the latent cache and checkpoints.
 
 A reader (the WebUI tab, a resumed run) must never see a half-written file: every write goes to a temporary
 file in the same directory, is flushed and fsynced, then `os.replace`d over the target (atomic on POSIX and
@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make a rename durable: POSIX only records it once the directory itself is synced."""
     if os.name != "posix":
         return
@@ -41,7 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
