@@ -35,6 +35,12 @@ def _convert(name: str, value: object) -> object:
     return value
 
 
+def _without_prefix(message: str, name: str) -> str:
+    # gcfg_core's messages start with the parameter name, which GCFGRequestError already puts first.
+    prefix = f"{name}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
 def _settings(values: Mapping[str, object]) -> GCFGSettings:
     converted = {name: _convert(name, value) for name, value in values.items()}
     for name, value in converted.items():
@@ -43,7 +49,7 @@ def _settings(values: Mapping[str, object]) -> GCFGSettings:
         except TermSyntaxError as error:
             raise GCFGRequestError(name, f"{error} (in the extra terms text)") from error
         except ValueError as error:
-            raise GCFGRequestError(name, str(error)) from error
+            raise GCFGRequestError(name, _without_prefix(str(error), name)) from error
     return GCFGSettings(**converted)
 
 

@@ -64,6 +64,18 @@ def resolve_checkpoint(name: str, argument: str):
     return info
 
 
+def checkpoint_name(name: str) -> str:
+    """The stable name (path under the checkpoint folder, no hash) of the checkpoint `name` matches, for infotext."""
+    info = sd_models.get_closet_checkpoint_match(name) if name else None
+    return name if info is None else info.name
+
+
+def prior_choice(name: str) -> str:
+    """The prior dropdown's current title for a pasted checkpoint name or title (unchanged when nothing matches)."""
+    info = sd_models.get_closet_checkpoint_match(name)
+    return name if info is None else info.title
+
+
 def resolve_concept(name: str) -> str:
     root = os.path.realpath(concept_dir())
     path = os.path.realpath(os.path.join(root, name))

@@ -1,28 +1,41 @@
 """Infotext (PNG info) writing and the paste-back field list, both derived from `gcfg_core.params.PARAMS`.
 
-Model parameters are written as "None" when empty, which is also the dropdowns' "none" choice, so every key
-pastes by name (the WebUI's send-to buttons copy fields by infotext key only).
+Only ``GCFG: True`` and the parameters that differ from their defaults are written, as the WebUI does for its own
+optional features. Pasting fills the absent GCFG keys with their defaults (an `on_infotext_pasted` callback),
+because the WebUI leaves a control unchanged when its key is missing; the fields stay plain `(component, key)`
+pairs so that the "Send to img2img/inpaint" buttons, which copy fields by key, carry them too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 
-from gcfg_core.params import PARAMS, GCFGSettings, ParamKind
+from gcfg_core.params import PARAMS, PARAMS_BY_NAME, GCFGSettings, ParamKind, infotext_value
 from gcfg_webui.args import NONE_CHOICE, normalise_model_choice
+
+ENABLED_KEY = PARAMS_BY_NAME["enabled"].infotext_key
+PRIOR_KEY = PARAMS_BY_NAME["prior"].infotext_key
+
+
+def _default_text(param) -> str:
+    text = infotext_value(param, param.default)
+    return NONE_CHOICE if param.kind is ParamKind.MODEL and text == "" else text
 
 
 def generation_params(settings: GCFGSettings) -> dict[str, str]:
-    """The `extra_generation_params` entries for `settings` (empty when disabled)."""
+    """The `extra_generation_params` entries for `settings`: ``GCFG`` plus every non-default value (none when off)."""
     values = settings.to_infotext()
     for param in PARAMS:
-        if param.kind is ParamKind.MODEL and values.get(param.infotext_key) == "":
-            values[param.infotext_key] = NONE_CHOICE
+        key = param.infotext_key
+        if param.kind is ParamKind.MODEL and values.get(key) == "":
+            values[key] = NONE_CHOICE
+        if key != ENABLED_KEY and key in values and values[key] == _default_text(param):
+            del values[key]
     return values
 
 
 def settings_from_infotext(params: Mapping[str, str]) -> GCFGSettings:
-    """Settings from a parsed infotext dict (the inverse of `generation_params`)."""
+    """Settings from a parsed infotext dict (the inverse of `generation_params`; absent keys are defaults)."""
     values = dict(params)
     for param in PARAMS:
         if param.kind is ParamKind.MODEL and param.infotext_key in values:
@@ -50,8 +63,16 @@ def paste_field_names() -> list[str]:
     return [param.infotext_key for param in PARAMS]
 
 
-def disable_when_absent(infotext: str, params: dict) -> None:
-    """`on_infotext_pasted` callback: an image without GCFG keys pastes as "GCFG off", not "unchanged"."""
-    enabled_key = PARAMS[0].infotext_key
-    if enabled_key not in params:
-        params[enabled_key] = "False"
+def complete_pasted(params: MutableMapping[str, str], prior_choice: Callable[[str], str] | None = None) -> None:
+    """`on_infotext_pasted` body: no ``GCFG`` key → GCFG off; else absent keys → defaults, prior → a dropdown choice.
+
+    `prior_choice` maps a written prior (a checkpoint name or an older title) to the title the prior dropdown
+    offers now (titles gain a ``[hash]`` once the WebUI has hashed the file).
+    """
+    if ENABLED_KEY not in params:
+        params[ENABLED_KEY] = "False"
+        return
+    for param in PARAMS:
+        params.setdefault(param.infotext_key, _default_text(param))
+    if prior_choice is not None and normalise_model_choice(params[PRIOR_KEY]) != "":
+        params[PRIOR_KEY] = prior_choice(params[PRIOR_KEY])

@@ -109,6 +109,8 @@ def start_generation(p, args: Sequence[object]) -> Generation | None:
     if not settings.enabled:
         return None
     generation = Generation(settings, terms=generation_terms(settings))
+    if not generation.terms and not settings.prior and settings.negative_scale is None:
+        return generation  # nothing to change: no model checks either, so "enabled" equals "disabled" everywhere
     try:
         check_main_model(settings, generation.terms)
         _load_models(generation)
@@ -213,8 +215,12 @@ def begin_pass(p, generation: Generation) -> None:
 
 def build_pass(p, generation: Generation, denoiser) -> PassRun:
     settings = generation.settings
-    space = sampler_space(p.sampler)
     has_negative = tuple(bool(text.strip()) for text in _pass_negative_prompts(p))
+    if not generation.terms and settings.negative_scale is None and (generation.prior is None or all(has_negative)):
+        # Nothing to change on this pass: no sampler checks either, so "enabled" equals "disabled" everywhere.
+        return PassRun(has_negative=has_negative, negative_scale=None, terms=(), uncond=None,
+                       uncond_name=ModelSlot.MAIN.value, evaluators={})
+    space = sampler_space(p.sampler)
     uncond, uncond_name = None, ModelSlot.MAIN.value
     if generation.prior is not None:
         context = extra_models.empty_context(generation.prior)

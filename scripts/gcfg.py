@@ -6,6 +6,7 @@ load time. Callbacks are registered at import: the WebUI clears them before ever
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import modules.scripts as scripts
@@ -24,6 +25,7 @@ class GCFGScript(scripts.Script):
     def __init__(self) -> None:
         super().__init__()
         self.prompt_component = None
+        self.negative_component = None
         self.cfg_component = None
 
     def title(self) -> str:
@@ -33,6 +35,8 @@ class GCFGScript(scripts.Script):
         tab = "img2img" if is_img2img else "txt2img"
         self.on_after_component(lambda event: setattr(self, "prompt_component", event.component),
                                 elem_id=f"{tab}_prompt")
+        self.on_after_component(lambda event: setattr(self, "negative_component", event.component),
+                                elem_id=f"{tab}_neg_prompt")
         self.on_after_component(lambda event: setattr(self, "cfg_component", event.component),
                                 elem_id=f"{tab}_cfg_scale")
         return scripts.AlwaysVisible
@@ -41,7 +45,7 @@ class GCFGScript(scripts.Script):
         from gcfg_webui import ui
 
         components = ui.build("img2img" if is_img2img else "txt2img", self.elem_id, self.prompt_component,
-                              self.cfg_component)
+                              self.cfg_component, self.negative_component)
         self.infotext_fields = infotext.infotext_fields(components)
         self.paste_field_names = infotext.paste_field_names()
         return components
@@ -50,7 +54,10 @@ class GCFGScript(scripts.Script):
         generation = session.start_generation(p, args)
         setattr(p, session.GENERATION_ATTRIBUTE, generation)
         if generation is not None and generation.error is None:
-            p.extra_generation_params.update(infotext.generation_params(generation.settings))
+            settings = generation.settings
+            if settings.prior:
+                settings = dataclasses.replace(settings, prior=extra_models.checkpoint_name(settings.prior))
+            p.extra_generation_params.update(infotext.generation_params(settings))
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         generation = getattr(p, session.GENERATION_ATTRIBUTE, None)
@@ -83,8 +90,12 @@ def _on_before_ui() -> None:
         xyz.add_axes(module, lambda: ["None", *extra_models.list_prior_titles()])
 
 
+def _on_infotext_pasted(text: str, params: dict) -> None:
+    infotext.complete_pasted(params, extra_models.prior_choice)
+
+
 script_callbacks.on_cfg_denoiser(hook.capture_inputs)
 script_callbacks.on_app_started(_on_app_started)
 script_callbacks.on_ui_settings(_on_ui_settings)
 script_callbacks.on_before_ui(_on_before_ui)
-script_callbacks.on_infotext_pasted(infotext.disable_when_absent)
+script_callbacks.on_infotext_pasted(_on_infotext_pasted)

@@ -249,9 +249,11 @@ def test_unsupported_sampler_and_edit_model_are_refused(fake):
 
     with pytest.raises(GCFGRequestError, match="LCM"):
         run(fake, fake.processing(sampler_name="LCM"), settings_args(enabled=True, terms="+1 a dog"))
+    run(fake, fake.processing(sampler_name="LCM"), settings_args(enabled=True))  # nothing to do: no refusal
     fake.model.cond_stage_key = "edit"
     with pytest.raises(GCFGRequestError, match="InstructPix2Pix"):
-        run(fake, fake.processing(), settings_args(enabled=True))
+        run(fake, fake.processing(), settings_args(enabled=True, negative_scale=-1))
+    run(fake, fake.processing(), settings_args(enabled=True))
 
 
 def test_infotext_round_trip_restores_every_parameter(fake):
@@ -262,14 +264,35 @@ def test_infotext_round_trip_restores_every_parameter(fake):
     settings = GCFGSettings(enabled=True, prior="", concept="face.safetensors", concept_weight=1.25,
                             negative_scale=-2.5, terms="+4 in Van Gogh style, oil\n-2 @prior {0-0.5} blurry")
     params = infotext.generation_params(settings)
-    assert params["GCFG prior"] == "None"
+    assert "GCFG prior" not in params  # defaults are not written
     text = format_parameters("a cat", "", {"Steps": 3, **params})
     _, _, parsed = parse_parameters(text)
     assert infotext.settings_from_infotext(parsed) == settings
     assert infotext.paste_field_names() == [param.infotext_key for param in PARAMS]
-    pasted = {}
-    infotext.disable_when_absent("", pasted)
-    assert infotext.settings_from_infotext(pasted).enabled is False
+    infotext.complete_pasted(parsed)
+    assert parsed["GCFG prior"] == "None" and parsed["GCFG concept weight"] == "1.25"
+    assert infotext.settings_from_infotext(parsed) == settings
+
+
+def test_paste_fills_defaults_maps_the_prior_and_turns_gcfg_off_without_keys(fake):
+    from gcfg_core.params import GCFGSettings
+    from gcfg_webui import extra_models, infotext
+
+    assert infotext.generation_params(GCFGSettings(enabled=True)) == {"GCFG": "True"}
+    pasted = {"GCFG": "True", "GCFG prior": "prior.safetensors"}
+    infotext.complete_pasted(pasted, extra_models.prior_choice)
+    assert pasted == {"GCFG": "True", "GCFG prior": fake.prior_name, "GCFG concept": "None",
+                      "GCFG concept weight": "2.5", "GCFG negative scale": "classic", "GCFG terms": ""}
+    from modules import sd_models
+
+    sd_models.register("/models/unhashed.safetensors", shorthash=None)  # listed without [hash] until hashed
+    pasted = {"GCFG": "True", "GCFG prior": "unhashed.safetensors [abcdef0123]"}
+    infotext.complete_pasted(pasted, extra_models.prior_choice)
+    assert pasted["GCFG prior"] == "unhashed.safetensors"
+    without = {"Steps": "3"}
+    infotext.complete_pasted(without, extra_models.prior_choice)
+    assert without == {"Steps": "3", "GCFG": "False"}
+    assert infotext.settings_from_infotext(without).enabled is False
 
 
 def test_process_writes_infotext_keys(fake):
@@ -277,6 +300,10 @@ def test_process_writes_infotext_keys(fake):
     run(fake, p, settings_args(enabled=True, negative_scale=-1, terms="+1 a dog"))
     assert p.extra_generation_params["GCFG negative scale"] == "-1"
     assert p.extra_generation_params["GCFG terms"] == "+1 a dog"
+    assert "GCFG concept" not in p.extra_generation_params
+    p = fake.processing()
+    run(fake, p, settings_args(enabled=True, prior=fake.prior_name))
+    assert p.extra_generation_params == {"GCFG": "True", "GCFG prior": "prior.safetensors"}  # name, not title
 
 
 def test_xyz_axes_override_one_parameter(fake):
@@ -361,3 +388,15 @@ def test_ui_components_follow_params_and_their_defaults_unpack_to_the_defaults(f
     assert settings_from_args([component.value for component in components]) == GCFGSettings()
     assert all(getattr(component, "webui_tooltip", None) or getattr(component, "label", None)
                for component in components)
+
+
+def test_weights_line_shows_what_the_negative_prompt_and_the_prior_get(fake):
+    from gcfg_webui.ui import effective_weights
+
+    assert "weight −6 (classic" in effective_weights("classic", 7, "ugly")
+    assert "gets −6." in effective_weights("classic", 7, "")
+    assert effective_weights("-2", 7, "ugly").endswith("weight −2; the unconditional term (the prior) gets −4.")
+    assert "weight −8 (classic" in effective_weights("classic", 7, "ugly", "+2 a dog\n-1 @prior {0-0.5} x",
+                                                      "face.safetensors", 1.0)
+    assert effective_weights("loud", 7, "").startswith("⚠")
+    assert effective_weights("classic", 7, "", "4 no sign") == "The weights show once the extra terms are valid."

@@ -1,12 +1,29 @@
 """End-to-end tests against a running real WebUI 1.10.x with this extension installed (skipped otherwise).
 
-Set GCFG_WEBUI_DIR to the WebUI checkout and start it with `--api` (CPU: `--use-cpu all --no-half --precision
-full --skip-torch-cuda-test --server-name 127.0.0.1`); GCFG_WEBUI_URL defaults to http://127.0.0.1:7860 and
-GCFG_E2E_PRIOR names a second SD 1.x checkpoint to use as the prior.
+Start the WebUI with `--api` (on a CPU: `--use-cpu all --no-half --precision full --skip-torch-cuda-test
+--server-name 127.0.0.1`), an SD 1.x main checkpoint (a reduced-width random one keeps the suite at about a
+minute), and set:
+
+* ``GCFG_WEBUI_DIR``: the WebUI checkout (the suite is skipped without it);
+* ``GCFG_WEBUI_URL``: default ``http://127.0.0.1:7860``;
+* ``GCFG_E2E_PRIOR``: a second SD 1.x checkpoint (title or name) with weights unlike the main model's, used as
+  the prior; the tests that need it are skipped without it;
+* ``GCFG_E2E_CONCEPT``: a concept-model file in ``models/GCFG`` (default: the first one listed, else skipped);
+* ``GCFG_E2E_INPAINT``: a 9-channel SD 1.x inpainting checkpoint (used through ``override_settings``);
+* ``GCFG_E2E_API_AUTH``: ``user:password`` when the WebUI runs with ``--api-auth`` (then the auth tests run).
+
+`tests/e2e/make_assets.py` writes a concept model and a 9-channel variant of a random checkpoint.
+
+Identities checked on decoded pixels (the PNG bytes differ by the GCFG infotext keys): GCFG enabled with no
+prior, a classic negative scale and no terms is the disabled image and adds no UNet rows; the prior set to the
+main checkpoint itself reproduces the WebUI's own uncond (so the prior's rows are computed correctly in x₀ and ε
+space); an extra term ``+2 a dog`` equals the prompt ``a cat AND a dog :0.4`` at CFG 5.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 
@@ -16,70 +33,340 @@ pytestmark = [pytest.mark.webui, pytest.mark.skipif(not os.environ.get("GCFG_WEB
                                                     reason="needs a real WebUI (GCFG_WEBUI_DIR)")]
 URL = os.environ.get("GCFG_WEBUI_URL", "http://127.0.0.1:7860")
 PRIOR = os.environ.get("GCFG_E2E_PRIOR", "")
+API_AUTH = os.environ.get("GCFG_E2E_API_AUTH", "")
+INPAINT = os.environ.get("GCFG_E2E_INPAINT", "")
 BASE = {"prompt": "a cat", "negative_prompt": "", "steps": 3, "width": 64, "height": 64, "seed": 1,
         "cfg_scale": 5, "sampler_name": "Euler"}
+HIRES = {"batch_size": 2, "n_iter": 2, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent",
+         "hr_second_pass_steps": 3, "denoising_strength": 0.5}
+# A pixel may differ by 1/255 where float rounding differs between the WebUI's UNet call and ours.
+TOLERANCE = 1
+needs_prior = pytest.mark.skipif(not PRIOR, reason="GCFG_E2E_PRIOR not set")
 
 
 @pytest.fixture(scope="module")
 def client():
     httpx = pytest.importorskip("httpx")
-    with httpx.Client(base_url=URL, timeout=600) as session:
+    auth = tuple(API_AUTH.split(":", 1)) if API_AUTH else None
+    with httpx.Client(base_url=URL, timeout=600, auth=auth) as session:
         yield session
 
 
-def txt2img(client, gcfg_args=None, **overrides):
+@pytest.fixture(scope="module")
+def main_model(client):
+    """The main checkpoint's name as the WebUI reports it (an alias `get_closet_checkpoint_match` resolves)."""
+    return json.loads(txt2img(client, [False]).json()["info"])["sd_model_name"]
+
+
+@pytest.fixture(scope="module")
+def concept(client):
+    listed = [name for name in client.get("/gcfg/v1/concepts").json()["concepts"] if name != "None"]
+    name = os.environ.get("GCFG_E2E_CONCEPT") or (listed[0] if listed else "")
+    if not name:
+        pytest.skip("no concept model in models/GCFG (GCFG_E2E_CONCEPT)")
+    assert name in listed
+    return name
+
+
+def generate(client, route, gcfg_args=None, **overrides):
     body = {**BASE, **overrides}
     if gcfg_args is not None:
         body["alwayson_scripts"] = {"GCFG": {"args": gcfg_args}}
-    return client.post("/sdapi/v1/txt2img", json=body)
+    return client.post(f"/sdapi/v1/{route}", json=body)
 
 
-def rows(client):
+def txt2img(client, gcfg_args=None, **overrides):
+    return generate(client, "txt2img", gcfg_args, **overrides)
+
+
+def img2img(client, gcfg_args=None, **overrides):
+    """An img2img request preceded by a fixed txt2img request.
+
+    The WebUI encodes the init image by sampling the VAE posterior with torch's global RNG, whose state is left
+    over from the previous request (a txt2img re-seeds it while making its noise). Without the same request
+    before it, the same img2img request gives different pixels whenever the posterior's variance is not tiny.
+    """
+    ok(txt2img(client, [False], seed=123))
+    return generate(client, "img2img", gcfg_args, **overrides)
+
+
+def ok(response):
+    assert response.status_code == 200, response.text[:2000]
+    return response.json()
+
+
+def pixels(body) -> list:
+    np = pytest.importorskip("numpy")
+    image_module = pytest.importorskip("PIL.Image")
+    return [np.asarray(image_module.open(io.BytesIO(base64.b64decode(data))).convert("RGB")).astype(int)
+            for data in body["images"]]
+
+
+def max_difference(first, second) -> int:
+    a, b = pixels(first), pixels(second)
+    assert len(a) == len(b)
+    return max(int(abs(x - y).max()) for x, y in zip(a, b, strict=True))
+
+
+def last_run(client) -> dict:
     return client.get("/gcfg/v1/last-run").json()
 
 
-def test_enabled_without_prior_equals_disabled_bytes_and_adds_no_rows(client):
-    off = txt2img(client, [False], negative_prompt="ugly").json()["images"]
-    on = txt2img(client, [{"enabled": True, "prior": "None"}], negative_prompt="ugly").json()["images"]
-    assert on == off
-    assert rows(client).get("passes") == []
+def rows(client) -> list[dict]:
+    """Extra UNet rows per denoiser call, per sampler pass, of the latest generation."""
+    return [run["rows_per_call"] for run in last_run(client)["passes"]]
 
 
-@pytest.mark.skipif(not PRIOR, reason="GCFG_E2E_PRIOR not set")
-def test_prior_changes_the_image_and_is_reported_in_infotext(client):
-    off = txt2img(client, [False]).json()["images"]
-    response = txt2img(client, [{"enabled": True, "prior": PRIOR}]).json()
-    assert response["images"] != off
-    info = json.loads(response["info"])
-    assert info["extra_generation_params"]["GCFG prior"]
-    assert rows(client)["passes"][0]["rows_per_call"]["prior"] == 1.0
+def infotext(body, index=0) -> str:
+    return json.loads(body["info"])["infotexts"][index]
 
 
-@pytest.mark.skipif(not PRIOR, reason="GCFG_E2E_PRIOR not set")
-@pytest.mark.parametrize("extra", [
-    {"batch_size": 2, "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2, "denoising_strength": 0.5},
-    {"sampler_name": "DDIM"},
+def png_mask(square: slice) -> str:
+    np = pytest.importorskip("numpy")
+    image_module = pytest.importorskip("PIL.Image")
+    mask = np.zeros((64, 64, 3), dtype=np.uint8)
+    mask[square, square] = 255
+    buffer = io.BytesIO()
+    image_module.fromarray(mask).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+# --- equivalence: enabled but with nothing to do is the disabled image, with no extra rows -----------------------
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+@pytest.mark.parametrize("negative", ["", "ugly"])
+@pytest.mark.parametrize("gcfg_on", [
+    [{"enabled": True, "prior": "None"}],
+    [True, "None", "None", 2.5, "classic", ""],
+    [True],
 ])
-def test_prior_with_batch_hires_and_ddim(client, extra):
-    response = txt2img(client, [True, PRIOR, "None", 2.5, "classic", "+2 a dog"], **extra)
-    assert response.status_code == 200, response.text
+def test_enabled_without_prior_terms_or_scale_equals_disabled_and_adds_no_rows(client, sampler, negative, gcfg_on):
+    off = ok(txt2img(client, [False], negative_prompt=negative, sampler_name=sampler))
+    on = ok(txt2img(client, gcfg_on, negative_prompt=negative, sampler_name=sampler))
+    assert [image.tobytes() for image in pixels(on)] == [image.tobytes() for image in pixels(off)]
+    assert last_run(client) == {"enabled": True, "error": None, "passes": []}
+    assert "GCFG: True" in infotext(on) and "GCFG" not in infotext(off)
 
 
-def test_bad_input_gives_422_naming_the_argument_and_next_request_is_served(client):
-    bad = txt2img(client, [{"enabled": True, "concept_weight": "much"}])
-    assert bad.status_code == 422 and "concept_weight" in bad.json()["detail"]
-    unknown = txt2img(client, [{"enabled": True, "bogus": 1}])
-    assert unknown.status_code == 422 and "bogus" in unknown.json()["detail"]
-    assert txt2img(client, [False]).status_code == 200
+def test_numeric_negative_scale_equal_to_one_minus_cfg_is_classic(client):
+    off = ok(txt2img(client, [False], negative_prompt="ugly"))
+    on = ok(txt2img(client, [{"enabled": True, "negative_scale": -4}], negative_prompt="ugly"))
+    assert max_difference(on, off) == 0
+    assert rows(client) == [{"webui": 2.0}]
 
 
-def test_img2img_with_gcfg(client):
-    image = txt2img(client, [False]).json()["images"][0]
-    body = {**BASE, "init_images": [image], "denoising_strength": 0.5,
-            "alwayson_scripts": {"GCFG": {"args": [{"enabled": True, "terms": "+1 a dog"}]}}}
-    assert client.post("/sdapi/v1/img2img", json=body).status_code == 200
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+@pytest.mark.parametrize("negative", ["", "ugly"])
+def test_extra_term_equals_the_same_and_prompt(client, sampler, negative):
+    fused = ok(txt2img(client, [False], prompt="a cat AND a dog :0.4", negative_prompt=negative, sampler_name=sampler))
+    term = ok(txt2img(client, [{"enabled": True, "terms": "+2 a dog"}], negative_prompt=negative,
+                      sampler_name=sampler))
+    assert max_difference(term, fused) <= TOLERANCE
+    assert rows(client) == [{"webui": 2.0, "main": 1.0}]
 
 
-def test_script_info_has_labels(client):
+# --- the prior -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M", "Heun", "DDIM", "DDIM CFG++", "PLMS", "UniPC"])
+def test_prior_equal_to_the_main_checkpoint_reproduces_the_webui_uncond(client, main_model, sampler):
+    off = ok(txt2img(client, [False], sampler_name=sampler))
+    on = ok(txt2img(client, [{"enabled": True, "prior": main_model}], sampler_name=sampler))
+    assert max_difference(on, off) <= TOLERANCE
+    assert rows(client) == [{"webui": 2.0, "prior": 1.0}]
+
+
+@needs_prior
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_prior_changes_the_image_without_negative_prompt_and_is_written_to_infotext(client, sampler):
+    off = ok(txt2img(client, [False], sampler_name=sampler))
+    on = ok(txt2img(client, [{"enabled": True, "prior": PRIOR}], sampler_name=sampler))
+    assert max_difference(on, off) > 8
+    assert rows(client) == [{"webui": 2.0, "prior": 1.0}]
+    written = json.loads(on["info"])["extra_generation_params"]["GCFG prior"]
+    assert written in PRIOR or PRIOR in written
+
+
+@needs_prior
+def test_classic_negative_prompt_never_runs_the_prior(client):
+    off = ok(txt2img(client, [False], negative_prompt="ugly"))
+    on = ok(txt2img(client, [{"enabled": True, "prior": PRIOR}], negative_prompt="ugly"))
+    assert max_difference(on, off) == 0
+    assert last_run(client)["passes"] == []
+
+
+@needs_prior
+def test_prior_with_a_numeric_negative_scale_runs_for_every_image(client):
+    ok(txt2img(client, [{"enabled": True, "prior": PRIOR, "negative_scale": -2}], negative_prompt="ugly"))
+    assert rows(client) == [{"webui": 2.0, "prior": 1.0}]
+
+
+def test_skipped_uncond_steps_run_no_prior_rows(client, main_model):
+    """NGMS (s_min_uncond) drops the uncond on odd steps: GCFG stays out of those calls, as the WebUI's CFG does."""
+    off = ok(txt2img(client, [False], s_min_uncond=100))
+    on = ok(txt2img(client, [{"enabled": True, "prior": main_model}], s_min_uncond=100))
+    assert max_difference(on, off) <= TOLERANCE
+    run = last_run(client)["passes"][0]
+    assert run["skipped_calls"] == 1 and run["rows_per_call"]["prior"] == pytest.approx(2 / 3)
+
+
+# --- batches, hires fix, img2img, inpainting ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_batch_and_hires_fix_with_the_main_checkpoint_as_prior_reproduce_the_webui(client, main_model, sampler):
+    off = ok(txt2img(client, [False], sampler_name=sampler, **HIRES))
+    on = ok(txt2img(client, [{"enabled": True, "prior": main_model}], sampler_name=sampler, **HIRES))
+    assert len(on["images"]) == 4 and max_difference(on, off) <= TOLERANCE
+    # two batches, each with a first pass and a hires pass; 2 images per batch
+    assert rows(client) == [{"webui": 4.0, "prior": 2.0}] * 4
+
+
+@needs_prior
+def test_batch_hires_with_prior_and_prompts_uses_the_hires_prompts(client):
+    off = ok(txt2img(client, [False], **HIRES))
+    on = ok(txt2img(client, [{"enabled": True, "prior": PRIOR, "terms": "+1 a dog"}],
+                    prompt="[a cat:a bird:0.5] AND a tree :0.3", hr_prompt="a red cat", **HIRES))
+    assert max_difference(on, off) > 8
+    first, hires = rows(client)[:2]
+    assert first == {"webui": 6.0, "main": 2.0, "prior": 2.0}  # two AND sub-prompts per image
+    assert hires == {"webui": 4.0, "main": 2.0, "prior": 2.0}  # the hires prompt has none
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("Euler", 3), ("DDIM", 6)])
+@pytest.mark.parametrize("inpaint", [False, True])
+def test_img2img_and_inpainting(client, main_model, sampler, steps, inpaint):
+    init = ok(txt2img(client, [False], seed=7))["images"][0]
+    extra = {"init_images": [init], "denoising_strength": 0.6, "sampler_name": sampler, "steps": steps}
+    if inpaint:
+        extra.update(mask=png_mask(slice(16, 48)), inpainting_fill=1, mask_blur=0)
+    off = ok(img2img(client, [False], **extra))
+    same = ok(img2img(client, [{"enabled": True, "prior": main_model}], **extra))
+    assert max_difference(same, off) <= TOLERANCE
+    assert rows(client)[0] == {"webui": 2.0, "prior": 1.0}
+    changed = ok(img2img(client, [{"enabled": True, "terms": "+3 a dog"}], **extra))
+    assert max_difference(changed, off) > 0
+    if inpaint:  # the area outside the mask is kept
+        outside = [image.copy() for image in pixels(changed)]
+        reference = pixels(off)
+        for image, base in zip(outside, reference, strict=True):
+            image[16:48, 16:48] = base[16:48, 16:48]
+            assert int(abs(image - base).max()) == 0
+
+
+@pytest.mark.skipif(not INPAINT, reason="GCFG_E2E_INPAINT not set")
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_nine_channel_inpainting_main_model(client, main_model, concept, sampler):
+    """Main-model terms get the inpainting conditioning (term == AND identity); prior and concept get x only."""
+    init = ok(txt2img(client, [False], seed=7))["images"][0]
+    model = {"override_settings": {"sd_model_checkpoint": INPAINT}}
+    extra = {"init_images": [init], "denoising_strength": 0.6, "sampler_name": sampler, "steps": 6,
+             "mask": png_mask(slice(16, 48)), "inpainting_fill": 1, "mask_blur": 0, **model}
+    fused = ok(img2img(client, [False], prompt="a cat AND a dog :0.4", **extra))
+    assert json.loads(fused["info"])["is_using_inpainting_conditioning"]
+    term = ok(img2img(client, [{"enabled": True, "terms": "+2 a dog"}], **extra))
+    assert max_difference(term, fused) <= TOLERANCE
+    off = ok(img2img(client, [False], **extra))
+    side = ok(img2img(client, [{"enabled": True, "prior": main_model, "concept": concept}], **extra))
+    assert rows(client)[0] == {"webui": 2.0, "prior": 1.0, "concept": 1.0}
+    for image, base in zip(pixels(side), pixels(off), strict=True):
+        assert int(abs(image - base).max()) > 0
+        image[16:48, 16:48] = base[16:48, 16:48]
+        assert int(abs(image - base).max()) == 0  # outside the mask is kept
+
+
+# --- concept model ------------------------------------------------------------------------------------------------
+
+def test_concept_model_changes_the_image_and_weight_zero_does_not_run(client, concept):
+    off = ok(txt2img(client, [False]))
+    on = ok(txt2img(client, [{"enabled": True, "concept": concept, "concept_weight": 2.5}]))
+    assert max_difference(on, off) > 8
+    assert rows(client) == [{"webui": 2.0, "concept": 1.0}]
+    zero = ok(txt2img(client, [{"enabled": True, "concept": concept, "concept_weight": 0}]))
+    assert max_difference(zero, off) == 0 and last_run(client)["passes"] == []
+
+
+@needs_prior
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_prior_concept_and_two_terms_rows(client, concept, sampler):
+    args = [True, PRIOR, concept, 2.5, "classic", "+2 a dog\n-1 blurry"]
+    ok(txt2img(client, args, sampler_name=sampler))
+    assert rows(client) == [{"webui": 2.0, "prior": 1.0, "concept": 1.0, "main": 2.0}]
+
+
+# --- API arguments, infotext, errors -----------------------------------------------------------------------------
+
+@needs_prior
+def test_named_dict_args_equal_positional_args(client, concept):
+    named = ok(txt2img(client, [{"enabled": True, "prior": PRIOR, "concept": concept, "concept_weight": 1.5,
+                                 "negative_scale": "-1", "terms": "+1 a dog"}], negative_prompt="ugly"))
+    positional = ok(txt2img(client, [True, PRIOR, concept, 1.5, "-1", "+1 a dog"], negative_prompt="ugly"))
+    assert max_difference(named, positional) == 0
+    assert infotext(named) == infotext(positional)
+
+
+@needs_prior
+def test_infotext_reproduces_the_image_over_the_api(client):
+    first = ok(txt2img(client, [{"enabled": True, "prior": PRIOR, "terms": "+1 a dog", "negative_scale": -1.5}],
+                       negative_prompt="ugly"))
+    text = infotext(first)
+    assert "GCFG negative scale: -1.5" in text and "GCFG terms: +1 a dog" in text
+    again = ok(client.post("/sdapi/v1/txt2img", json={"infotext": text}))
+    assert max_difference(again, first) == 0 and infotext(again) == text
+
+
+@pytest.mark.parametrize(("args", "argument"), [
+    ([{"enabled": True, "concept_weight": "much"}], "concept_weight"),
+    ([{"enabled": True, "bogus": 1}], "bogus"),
+    ([{"enabled": "maybe"}], "enabled"),
+    ([{"enabled": True, "negative_scale": "loud"}], "negative_scale"),
+    ([{"enabled": True, "prior": "no-such-checkpoint"}], "prior"),
+    ([{"enabled": True, "concept": "no-such-file.safetensors"}], "concept"),
+    ([{"enabled": True, "terms": "+1 a dog\n4 no sign"}], "terms"),
+    ([{"enabled": True, "terms": "+1 @concept"}], "terms"),
+    ([{"enabled": True, "terms": "+1 @no-such-checkpoint a dog"}], "terms"),
+    ([True, "None", "None", "x"], "concept_weight"),
+])
+def test_bad_input_gives_422_naming_the_argument_and_the_next_request_is_served(client, args, argument):
+    bad = txt2img(client, args)
+    assert bad.status_code == 422, bad.text[:500]
+    assert bad.json()["detail"].startswith(f"GCFG {argument}:")
+    ok(txt2img(client, [False]))
+
+
+def test_unsupported_sampler_is_a_422_but_enabled_without_work_is_not(client):
+    bad = txt2img(client, [{"enabled": True, "terms": "+1 a dog"}], sampler_name="LCM")
+    assert bad.status_code == 422 and "LCM" in bad.json()["detail"]
+    ok(txt2img(client, [True], sampler_name="LCM"))
+
+
+def test_script_info_has_meaningful_labels_in_argument_order(client):
     entries = [entry for entry in client.get("/sdapi/v1/script-info").json() if entry["name"] == "gcfg"]
-    assert len(entries) == 2 and all(arg["label"] for entry in entries for arg in entry["args"])
+    assert sorted(entry["is_img2img"] for entry in entries) == [False, True]
+    for entry in entries:
+        assert entry["is_alwayson"]
+        labels = [arg["label"] for arg in entry["args"]]
+        assert len(labels) == 6 and len(set(labels)) == 6 and all(labels)
+        assert [arg["value"] for arg in entry["args"]] == [False, "None", "None", 2.5, "classic", ""]
+        assert entry["args"][1]["choices"][0] == "None" and len(entry["args"][1]["choices"]) > 1
+        assert "Prior" in labels[1] and "Concept" in labels[2] and "weight" in labels[3]
+
+
+def test_routes_list_models_and_validate_terms(client):
+    priors = client.get("/gcfg/v1/priors").json()["priors"]
+    assert priors[0] == "None" and len(priors) > 1
+    assert client.get("/gcfg/v1/concepts").json()["concepts"][0] == "None"
+    valid = client.post("/gcfg/v1/terms/validate", json={"terms": "+4 in Van Gogh style\n-2 @prior {0-0.5} blurry"})
+    body = valid.json()
+    assert body["valid"] and [term["weight"] for term in body["terms"]] == [4.0, -2.0]
+    invalid = client.post("/gcfg/v1/terms/validate", json={"terms": "+1 ok\n4 no sign"}).json()
+    assert not invalid["valid"] and invalid["error"]["line"] == 2
+
+
+@pytest.mark.skipif(not API_AUTH, reason="GCFG_E2E_API_AUTH not set (WebUI without --api-auth)")
+def test_routes_need_the_api_auth_credentials_like_the_webui_routes(client):
+    httpx = pytest.importorskip("httpx")
+    with httpx.Client(base_url=URL, timeout=60) as anonymous:
+        assert anonymous.get("/gcfg/v1/priors").status_code == 401
+        assert anonymous.get("/sdapi/v1/sd-models").status_code == 401
+        user, _, _ = API_AUTH.partition(":")
+        assert anonymous.get("/gcfg/v1/priors", auth=(user, "wrong")).status_code == 401
+    assert client.get("/gcfg/v1/priors").status_code == 200
