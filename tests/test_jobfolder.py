@@ -139,3 +139,9 @@ def test_atomic_writes_leave_old_file_on_error(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write_with(target, failing)
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_atomic_writes_leave_an_ordinary_readable_file(tmp_path):
+    target = tmp_path / "status.json"
+    atomic_write_bytes(target, b"{}")
+    assert target.stat().st_mode & 0o777 == 0o644
