@@ -1,44 +1,55 @@
 """WebUI install hook: installs only the packages the WebUI's venv lacks (idempotent, no work when complete).
 
 The WebUI runs this file as `python install.py` with `launch` importable, at every start unless
-`--skip-install` / `--skip-prepare-environment` is given. Everything GCFG needs at run time (torch, safetensors,
-transformers, omegaconf, k-diffusion, ldm, open-clip's BPE file) already ships with WebUI 1.10.x, so normally
-nothing is installed.
+`--skip-install` / `--skip-prepare-environment` is given. Everything GCFG and its trainer need at run time already
+ships with WebUI 1.10.x (torch, safetensors, transformers, omegaconf, einops, accelerate, psutil, k-diffusion and
+`ldm` from `repositories/`, open-clip's CLIP vocabulary file), so normally nothing is installed and this returns
+in a few hundredths of a second. The pins are the WebUI 1.10.1 ones (`requirements_versions.txt`), so installing
+a missing package never moves one the WebUI already has.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+from typing import NamedTuple
 
-# (distribution name, import name, pip requirement)
+
+class Requirement(NamedTuple):
+    distribution: str
+    module: str
+    pip_args: str  # what follows `pip install`
+
+
 REQUIRED = (
-    ("safetensors", "safetensors", "safetensors"),
-    ("transformers", "transformers", "transformers"),
-    ("omegaconf", "omegaconf", "omegaconf"),
-    ("einops", "einops", "einops"),
+    Requirement("safetensors", "safetensors", "safetensors==0.4.2"),
+    Requirement("transformers", "transformers", "transformers==4.30.2"),
+    Requirement("omegaconf", "omegaconf", "omegaconf==2.2.3"),
+    Requirement("einops", "einops", "einops==0.4.1"),
+    Requirement("accelerate", "accelerate", "accelerate==0.21.0"),
+    Requirement("psutil", "psutil", "psutil==5.9.5"),
+    # Only its CLIP BPE vocabulary file is read; its declared dependencies would pull another torch.
+    Requirement("open-clip-torch", "open_clip", "--no-deps open-clip-torch==2.20.0"),
 )
 
 
-def is_present(distribution: str, module: str) -> bool:
+def is_present(requirement: Requirement) -> bool:
     try:
-        importlib.metadata.distribution(distribution)
+        importlib.metadata.distribution(requirement.distribution)
     except importlib.metadata.PackageNotFoundError:
-        return importlib.util.find_spec(module) is not None
+        return importlib.util.find_spec(requirement.module) is not None
     return True
 
 
-def missing() -> list[str]:
-    return [requirement for distribution, module, requirement in REQUIRED if not is_present(distribution, module)]
+def missing() -> list[Requirement]:
+    return [requirement for requirement in REQUIRED if not is_present(requirement)]
 
 
 def main() -> None:
-    needed = missing()
-    if not needed:
-        return
-    import launch  # the WebUI's launcher module; only importable when the WebUI runs this file
+    for requirement in missing():
+        import launch  # the WebUI's launcher module; only importable when the WebUI runs this file
 
-    launch.run_pip("install " + " ".join(needed), f"sd-webui-gcfg requirements: {', '.join(needed)}")
+        launch.run_pip(f"install {requirement.pip_args}", f"sd-webui-gcfg requirement: {requirement.distribution}")
 
 
 if __name__ == "__main__":
