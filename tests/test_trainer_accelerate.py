@@ -51,5 +51,13 @@ def test_two_process_accelerate_run_matches_one_process_with_accumulation(tmp_pa
     a = load_file(str(checkpoints.latest_checkpoint(job.checkpoints_dir).concept_path))
     b = load_file(str(reference.checkpoint / checkpoints.CONCEPT_FILE))
     assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    # Weights: the two runs differ only by the order of float sums (all-reduce vs accumulation), which AdamW can
+    # amplify for elements whose gradient is ~0 (their update is a ratio of two tiny moments). So compare what the
+    # training changed: the difference of the two updates must be tiny next to the updates themselves.
+    base = load_file(str(tiny_checkpoint))
+    update_a = torch.cat([(a[k] - base[k]).flatten() for k in a if k in base])
+    update_b = torch.cat([(b[k] - base[k]).flatten() for k in a if k in base])
+    assert update_b.norm() > 0
+    assert (update_a - update_b).norm() / update_b.norm() < 1e-3
+    for key in a.keys() - base.keys():  # the frozen null-text vectors: calibrated once, identical
+        assert torch.equal(a[key], b[key]), key
