@@ -5,49 +5,18 @@
 // Env: CHROMIUM (default /usr/bin/chromium), JOB_NAME (default browser-test), TIMEOUT_MS (default 180000).
 "use strict";
 
-const { chromium } = require("playwright-core");
+const { log, launch, fill, jobRow, waitForRow: waitFor } = require("./tab_page.cjs");
 
 const [url, datasetDir, screenshot] = process.argv.slice(2);
 const jobName = process.env.JOB_NAME || "browser-test";
 const timeout = Number(process.env.TIMEOUT_MS || 180000);
 
-function log(...args) {
-    process.stdout.write(args.join(" ") + "\n");
-}
-
-async function fill(page, elemId, value) {
-    const input = page.locator(`#${elemId} input, #${elemId} textarea`).first();
-    await input.fill(String(value));
-    await input.dispatchEvent("change");
-}
-
-async function rowCells(page) {
-    const row = page.locator(`#gcfg_train_jobs tr[data-job-id="${jobName}"]`);
-    if (await row.count() === 0) {
-        return null;
-    }
-    const cells = await row.locator("td").allInnerTexts();
-    return { state: cells[1].trim(), step: Number(cells[3].split("/")[0]), text: cells.join(" | ") };
-}
-
-async function waitForRow(page, predicate, what) {
-    const deadline = Date.now() + timeout;
-    let last = null;
-    while (Date.now() < deadline) {
-        last = await rowCells(page);
-        if (last !== null && predicate(last)) {
-            return last;
-        }
-        await page.waitForTimeout(250);
-    }
-    throw new Error(`timed out waiting for ${what}; last row: ${last && last.text}`);
+function waitForRowOf(page, predicate, what) {
+    return waitFor(page, jobName, predicate, what, timeout);
 }
 
 (async () => {
-    const browser = await chromium.launch({
-        executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-        args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-    });
+    const browser = await launch();
     const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
     page.on("pageerror", (error) => log("page error:", error.message));
     const dialogs = [];
@@ -79,9 +48,9 @@ async function waitForRow(page, predicate, what) {
     log("created:", await page.locator("#gcfg_train_form_message").first().innerText());
 
     // Progress moves without any click: the page polls by itself.
-    const first = await waitForRow(page, (r) => r.state.startsWith("training") && r.step >= 1, "training");
+    const first = await waitForRowOf(page, (r) => r.state.startsWith("training") && r.step >= 1, "training");
     log("training:", first.text);
-    const later = await waitForRow(page, (r) => r.step >= first.step + 4, "progress");
+    const later = await waitForRowOf(page, (r) => r.step >= first.step + 4, "progress");
     log("progress:", later.text);
     await page.waitForSelector("#gcfg_train_preview img", { timeout: 60000 });
     await page.waitForTimeout(2500); // one more poll: loss plot and log up to date
@@ -90,7 +59,7 @@ async function waitForRow(page, predicate, what) {
 
     // Cancel through the confirm dialog.
     await page.click("#gcfg_train_cancel");
-    const cancelled = await waitForRow(page, (r) => r.state.startsWith("cancelled"), "cancelled");
+    const cancelled = await waitForRowOf(page, (r) => r.state.startsWith("cancelled"), "cancelled");
     log("cancelled:", cancelled.text);
     if (!dialogs.some((m) => m.includes("Cancel training job"))) {
         throw new Error(`no confirm dialog before cancelling: ${JSON.stringify(dialogs)}`);

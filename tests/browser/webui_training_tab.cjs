@@ -7,45 +7,12 @@
 "use strict";
 
 const path = require("path");
-const { chromium } = require("playwright-core");
+const { log, launch, fill, jobRow, waitForRow: waitFor } = require("./tab_page.cjs");
 
 const [url, datasetDir, outDir] = process.argv.slice(2);
 const jobName = process.env.JOB_NAME || "faces-tiny";
 const maxSteps = Number(process.env.MAX_STEPS || 40);
 const timeout = Number(process.env.TIMEOUT_MS || 300000);
-
-function log(...args) {
-    process.stdout.write(args.join(" ") + "\n");
-}
-
-async function fill(page, elemId, value) {
-    const input = page.locator(`#${elemId} input, #${elemId} textarea`).first();
-    await input.fill(String(value));
-    await input.dispatchEvent("change");
-}
-
-async function row(page) {
-    const tr = page.locator(`#gcfg_train_jobs tr[data-job-id="${jobName}"]`);
-    if (await tr.count() === 0) {
-        return null;
-    }
-    const cells = await tr.locator("td").allInnerTexts();
-    return { state: cells[1].trim(), step: Number(cells[3].split("/")[0]), text: cells.join(" | ") };
-}
-
-async function waitForRow(page, predicate, what) {
-    const deadline = Date.now() + timeout;
-    let last = null;
-    while (Date.now() < deadline) {
-        last = await row(page);
-        if (last !== null && predicate(last)) {
-            log(`${what}:`, last.text);
-            return last;
-        }
-        await page.waitForTimeout(300);
-    }
-    throw new Error(`timed out waiting for ${what}; last row: ${last && last.text}`);
-}
 
 async function shot(page, name, selector) {
     const file = path.join(outDir, name);
@@ -54,11 +21,12 @@ async function shot(page, name, selector) {
     log("screenshot:", file);
 }
 
+function waitForRowOf(page, predicate, what) {
+    return waitFor(page, jobName, predicate, what, timeout);
+}
+
 (async () => {
-    const browser = await chromium.launch({
-        executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-        args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-    });
+    const browser = await launch();
     const page = await browser.newPage({ viewport: { width: 1360, height: 1080 } });
     page.on("pageerror", (error) => log("page error:", error.message));
     page.on("dialog", (dialog) => dialog.accept());
@@ -87,20 +55,20 @@ async function shot(page, name, selector) {
     await page.waitForSelector("#gcfg_train_form_message .gcfg-train-ok", { timeout: 30000 });
 
     // start, progress
-    const first = await waitForRow(page, (r) => r.state.startsWith("training") && r.step >= 1, "training");
-    await waitForRow(page, (r) => r.step >= Math.max(first.step + 6, 9), "progress");
+    const first = await waitForRowOf(page, (r) => r.state.startsWith("training") && r.step >= 1, "training");
+    await waitForRowOf(page, (r) => r.step >= Math.max(first.step + 6, 9), "progress");
     await page.waitForSelector("#gcfg_train_preview img", { timeout: 120000 });
     await page.waitForTimeout(2500);
     await shot(page, "training-tab-running.png", "#tab_gcfg_training");
 
     // stop (keeps a checkpoint), resume
     await page.click("#gcfg_train_stop");
-    const stopped = await waitForRow(page, (r) => r.state.startsWith("stopped"), "stopped");
+    const stopped = await waitForRowOf(page, (r) => r.state.startsWith("stopped"), "stopped");
     await page.waitForTimeout(2500);
     await shot(page, "training-tab-stopped.png", "#tab_gcfg_training");
     await page.click("#gcfg_train_resume");
-    await waitForRow(page, (r) => r.state.startsWith("training") && r.step > stopped.step, "resumed");
-    await waitForRow(page, (r) => r.state.startsWith("completed"), "completed");
+    await waitForRowOf(page, (r) => r.state.startsWith("training") && r.step > stopped.step, "resumed");
+    await waitForRowOf(page, (r) => r.state.startsWith("completed"), "completed");
     await page.waitForTimeout(3000);
     await shot(page, "training-tab-completed.png", "#tab_gcfg_training");
 
