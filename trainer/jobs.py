@@ -589,20 +589,21 @@ class JobManager:
     # ------------------------------------------------------------------------------------------------------------
     # actions
 
-    def _check_action(self, info: JobInfo, action: JobAction) -> None:
+    def _prepare_action(self, job_id: str, action: JobAction) -> tuple[Path, JobInfo]:
+        """Validate the id, bring the job's state up to date and check that `action` is allowed in it."""
+        path = self.job_path(job_id)  # validates the id before anything touches the disk
+        self._refresh(job_id)
+        info = self._info_of(path)
         if action not in info.actions:
             allowed = ", ".join(a.value for a in info.actions) or "nothing"
             raise JobConflictError("job_id", f"cannot {action.value} job {info.id!r} while it is {info.state.value} "
                                              f"(allowed: {allowed})")
+        return path, info
 
     def stop(self, job_id: str) -> JobInfo:
         """Ask a running job to save a checkpoint and end as "stopped" (resumable); returns at once."""
         with self._locked():
-            self.job_path(job_id)  # validates the id before anything touches the disk
-            self._refresh(job_id)
-            info = self._info_of(self.job_path(job_id))
-            self._check_action(info, JobAction.STOP)
-            path = self.job_path(job_id)
+            path, _ = self._prepare_action(job_id, JobAction.STOP)
             record = self._update_record(path, requested=JobAction.STOP.value)
             self._signal(job_id, record, signal.SIGTERM)
             log.info("stop requested for job %s", job_id)
@@ -611,11 +612,7 @@ class JobManager:
     def cancel(self, job_id: str) -> JobInfo:
         """End a job at once without a new checkpoint (queued: just taken off the queue); not resumable."""
         with self._locked():
-            self.job_path(job_id)  # validates the id before anything touches the disk
-            self._refresh(job_id)
-            path = self.job_path(job_id)
-            info = self._info_of(path)
-            self._check_action(info, JobAction.CANCEL)
+            path, info = self._prepare_action(job_id, JobAction.CANCEL)
             job = JobFolder(path)
             if info.state == JobState.QUEUED:
                 job.update_status(state=JobState.CANCELLED, pid=None, eta_seconds=None, message="cancelled")
@@ -634,11 +631,7 @@ class JobManager:
         """Queue a stopped, interrupted or failed job again; `overrides` may change the fields listed in
         `trainer.config.RESUME_MUTABLE_FIELDS` (e.g. max_steps, learning_rate)."""
         with self._locked():
-            self.job_path(job_id)  # validates the id before anything touches the disk
-            self._refresh(job_id)
-            path = self.job_path(job_id)
-            info = self._info_of(path)
-            self._check_action(info, JobAction.RESUME)
+            path, info = self._prepare_action(job_id, JobAction.RESUME)
             if overrides:
                 old = self.config(job_id)
                 if {"job_dir", "name"} & set(overrides):
@@ -658,11 +651,7 @@ class JobManager:
     def delete(self, job_id: str) -> None:
         """Remove a job that is not running, with everything in its folder (published concept models stay)."""
         with self._locked():
-            self.job_path(job_id)  # validates the id before anything touches the disk
-            self._refresh(job_id)
-            path = self.job_path(job_id)
-            info = self._info_of(path)
-            self._check_action(info, JobAction.DELETE)
+            path, _ = self._prepare_action(job_id, JobAction.DELETE)
             if not is_within(path, self.root) or path.resolve().parent != self.root:
                 raise JobError("job_id", f"refusing to delete {str(path)!r}: not a job folder of {self.root}")
             # Rename first: a crash during rmtree leaves a hidden folder, not a half-deleted job the list shows.
