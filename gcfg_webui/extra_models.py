@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from gcfg_core.checkpoint import CheckpointError
 from gcfg_core.models import SDModel, load_sd_checkpoint
 from gcfg_webui.errors import GCFGRequestError
-from gcfg_webui.hook import RowEvaluator, SamplerSpace
+from gcfg_webui.hook import ModelRunner, RowSource, SamplerSpace
 
 logger = logging.getLogger("gcfg.models")
 
@@ -221,19 +221,29 @@ def empty_context(prior: ExtraModel) -> Tensor:
     return prior.context("")
 
 
-def unet_evaluator(space: SamplerSpace, inner_model, run_eps: Callable[[Tensor, Tensor], Tensor]) -> RowEvaluator:
-    """Rows in the sampler's space from a side UNet's ε (k-diffusion: x₀ = x − σ·ε at input x·c_in)."""
+def side_runner(space: SamplerSpace, inner_model, model: ExtraModel, name: str) -> ModelRunner:
+    """A side UNet as a runner: rows in the sampler's space from its ε (k-diffusion: x₀ = x − σ·ε at input x·c_in).
 
-    def evaluate(x: Tensor, sigma: Tensor, image_cond: Tensor | None, step: int) -> Tensor:
+    The conditioning's "c_crossattn" holds one context row per x row; "c_concat" (the main model's inpainting
+    conditioning) is ignored: side models are 4-channel.
+    """
+
+    def call(x: Tensor, sigma: Tensor, condition: dict) -> Tensor:
+        context = condition["c_crossattn"][0]
         if space is SamplerSpace.NOISE:
-            return run_eps(x, sigma)  # timesteps samplers pass the timestep as "sigma" and want ε
+            return model.eps(x, sigma, context)  # timesteps samplers pass the timestep as "sigma" and want ε
         scale = sigma.view(-1, *([1] * (x.dim() - 1)))
         c_in = 1.0 / (scale ** 2 + 1.0) ** 0.5
-        eps = run_eps(x * c_in, inner_model.sigma_to_t(sigma))
+        eps = model.eps(x * c_in, inner_model.sigma_to_t(sigma), context)
         return x - scale * eps
 
-    return evaluate
+    return ModelRunner(name, call)
 
 
-def model_evaluator(space: SamplerSpace, inner_model, model: ExtraModel, context: Tensor | None) -> RowEvaluator:
-    return unet_evaluator(space, inner_model, lambda x, t: model.eps(x, t, context))
+def context_source(model_name: str, runner: ModelRunner, context: Tensor | None) -> RowSource:
+    """A prompt (or the empty prompt) of a side model: the same context for every row."""
+
+    def condition(step: int, rows: int, image_cond: Tensor | None) -> dict:
+        return {"c_crossattn": [None if context is None else context.expand(rows, -1, -1)]}
+
+    return RowSource(model_name, runner, condition)

@@ -26,7 +26,7 @@ from gcfg_webui import extra_models, hook
 from gcfg_webui.args import settings_from_args
 from gcfg_webui.errors import GCFGRequestError
 from gcfg_webui.extra_models import ExtraModel
-from gcfg_webui.hook import PassRun, RowEvaluator, SamplerSpace
+from gcfg_webui.hook import PassRun, SamplerSpace
 
 logger = logging.getLogger("gcfg.session")
 
@@ -142,20 +142,15 @@ def uncond_skipped(denoiser, sigma) -> bool:
                 and float(sigma[0]) < s_min_uncond)
 
 
-def _condition_dict(cond, image_cond):
-    if isinstance(cond, dict):
-        return {**cond, "c_concat": [image_cond]}
-    return {"c_crossattn": [cond], "c_concat": [image_cond]}
+def _main_source(model_name: str, runner: hook.ModelRunner, conds) -> hook.RowSource:
+    """A prompt of the current model: its schedules at the denoiser step, for the first `rows` images."""
 
-
-def _main_evaluator(denoiser, conds) -> RowEvaluator:
-    def evaluate(x, sigma, image_cond, step):
+    def condition(step: int, rows: int, image_cond):
         cond = prompt_parser.reconstruct_cond_batch(conds, step)
-        cond = {key: value[: x.shape[0]] for key, value in cond.items()} if isinstance(cond, dict) \
-            else cond[: x.shape[0]]
-        return denoiser.inner_model(x, sigma, cond=_condition_dict(cond, image_cond))
+        cond = {key: value[:rows] for key, value in cond.items()} if isinstance(cond, dict) else cond[:rows]
+        return hook.condition_dict(cond, image_cond)
 
-    return evaluate
+    return hook.RowSource(model_name, runner, condition)
 
 
 def _main_conds(p, generation: Generation, prompt: str):
@@ -175,18 +170,34 @@ def _main_conds(p, generation: Generation, prompt: str):
                                     network_data, hires_steps)
 
 
-def _evaluator(p, generation: Generation, space: SamplerSpace, denoiser, term_key) -> RowEvaluator:
+@dataclass
+class _Runners:
+    """One runner per UNet of a pass, so that all rows of one model can share a call."""
+
+    space: SamplerSpace
+    denoiser: object
+    main: hook.ModelRunner
+    side: dict[str, hook.ModelRunner] = field(default_factory=dict)
+
+    def side_runner(self, name: str, model: ExtraModel) -> hook.ModelRunner:
+        if name not in self.side:
+            self.side[name] = extra_models.side_runner(self.space, self.denoiser.inner_model, model, name)
+        return self.side[name]
+
+
+def _source(p, generation: Generation, runners: _Runners, term_key) -> hook.RowSource:
     model_name, prompt = term_key
-    inner = denoiser.inner_model
     if model_name == ModelSlot.CONCEPT.value:
-        return extra_models.model_evaluator(space, inner, generation.concept, None)
+        return extra_models.context_source(model_name, runners.side_runner(model_name, generation.concept), None)
     if model_name == ModelSlot.PRIOR.value and generation.prior is not None:
-        return extra_models.model_evaluator(space, inner, generation.prior, generation.prior.context(prompt or ""))
+        runner = runners.side_runner(model_name, generation.prior)
+        return extra_models.context_source(model_name, runner, generation.prior.context(prompt or ""))
     if model_name in generation.checkpoints:
         model = generation.checkpoints[model_name]
-        return extra_models.model_evaluator(space, inner, model, model.context(prompt or ""))
+        return extra_models.context_source(model_name, runners.side_runner(model_name, model),
+                                           model.context(prompt or ""))
     # main, and @prior without a prior checkpoint (the current model is the prior then)
-    return _main_evaluator(denoiser, _main_conds(p, generation, prompt or ""))
+    return _main_source(model_name, runners.main, _main_conds(p, generation, prompt or ""))
 
 
 def _pass_negative_prompts(p) -> list[str]:
@@ -195,7 +206,7 @@ def _pass_negative_prompts(p) -> list[str]:
 
 
 def begin_pass(p, generation: Generation) -> None:
-    """`process_before_every_sampling` work: build this sampler run's evaluators and wrap its denoiser."""
+    """`process_before_every_sampling` work: build this sampler run's row sources and wrap its denoiser."""
     denoiser = p.sampler.model_wrap_cfg
     hook.remove_failure(denoiser)
     try:
@@ -218,21 +229,20 @@ def build_pass(p, generation: Generation, denoiser) -> PassRun:
     has_negative = tuple(bool(text.strip()) for text in _pass_negative_prompts(p))
     if not generation.terms and settings.negative_scale is None and (generation.prior is None or all(has_negative)):
         # Nothing to change on this pass: no sampler checks either, so "enabled" equals "disabled" everywhere.
-        return PassRun(has_negative=has_negative, negative_scale=None, terms=(), uncond=None,
-                       uncond_name=ModelSlot.MAIN.value, evaluators={})
-    space = sampler_space(p.sampler)
-    uncond, uncond_name = None, ModelSlot.MAIN.value
+        return PassRun(has_negative=has_negative, negative_scale=None, terms=(), uncond=None, sources={})
+    runners = _Runners(sampler_space(p.sampler), denoiser, hook.main_runner(denoiser))
+    uncond = None
     if generation.prior is not None:
+        runner = runners.side_runner(ModelSlot.PRIOR.value, generation.prior)
         context = extra_models.empty_context(generation.prior)
-        uncond = extra_models.model_evaluator(space, denoiser.inner_model, generation.prior, context)
-        uncond_name = ModelSlot.PRIOR.value
+        uncond = extra_models.context_source(ModelSlot.PRIOR.value, runner, context)
     keys = hook.unique_keys(generation.terms)
     needs_main_empty = uncond is None and settings.negative_scale is not None and any(has_negative)
     if needs_main_empty and (ModelSlot.MAIN.value, "") not in keys:
         keys.append((ModelSlot.MAIN.value, ""))
-    evaluators = {key: _evaluator(p, generation, space, denoiser, key) for key in keys}
+    sources = {key: _source(p, generation, runners, key) for key in keys}
     return PassRun(has_negative=has_negative, negative_scale=settings.negative_scale, terms=generation.terms,
-                   uncond=uncond, uncond_name=uncond_name, evaluators=evaluators, skip_uncond=uncond_skipped)
+                   uncond=uncond, sources=sources, main_runner=runners.main, skip_uncond=uncond_skipped)
 
 
 def end_generation(p) -> Generation | None:
@@ -258,7 +268,8 @@ def record_last_run(generation: Generation | None) -> None:
     _last_run.update({
         "enabled": True,
         "error": None if generation.error is None else str(generation.error),
-        "passes": [{"calls": stats.calls, "skipped_calls": stats.skipped_calls, "rows_per_call": stats.per_call()}
+        "passes": [{"calls": stats.calls, "skipped_calls": stats.skipped_calls, "routed_calls": stats.routed_calls,
+                    "rows_per_call": stats.per_call(), "model_calls_per_call": stats.calls_per_call()}
                    for stats in generation.stats],
     })
 

@@ -86,7 +86,7 @@ def settings_args(**named):
 
 def run(fake, p, args):
     fake.last_p = p
-    fake.model.rows = 0
+    fake.model.rows = fake.model.calls = 0
     return fake.runtime.process_images(p, fake.script, copy.deepcopy(args))
 
 
@@ -147,7 +147,10 @@ def test_prior_without_negative_prompt_changes_the_image_with_one_row_per_image(
     on = run(fake, fake.processing(batch_size=2), settings_args(enabled=True, prior=fake.prior_name))
     assert not torch.allclose(on, off)
     (stats,) = fake.last_stats()
-    assert stats.per_call() == {"webui": 4.0, "prior": 2.0}
+    # 2 rows per image and call: the WebUI's cond row plus the prior's; the WebUI's uncond row is never computed
+    assert stats.per_call() == {"webui": 2.0, "prior": 2.0}
+    assert stats.calls_per_call() == {"main": 1.0, "prior": 1.0} and stats.routed_calls == stats.calls == 3
+    assert fake.model.rows == 2 * 3 and fake.model.calls == 3
 
 
 @pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
@@ -170,7 +173,10 @@ def test_extra_main_term_equals_the_webui_and_composition(fake):
     term = run(fake, fake.processing(prompt="a cat", negative_prompt="ugly", batch_size=2),
                settings_args(enabled=True, terms="+2 a dog"))
     torch.testing.assert_close(term, composed, rtol=1e-4, atol=1e-4)
-    assert fake.last_stats()[0].per_call() == {"webui": 4.0, "main": 2.0}
+    (stats,) = fake.last_stats()
+    assert stats.per_call() == {"webui": 4.0, "main": 2.0}
+    assert stats.calls_per_call() == {"main": 1.0}  # the term's rows join the WebUI's own call
+    assert fake.model.calls == 3 and fake.model.rows == 3 * 6
 
 
 def test_zero_weight_and_out_of_window_terms_are_not_evaluated(fake):
@@ -185,7 +191,9 @@ def test_concept_and_two_terms_with_prior_rows(fake):
     run(fake, p, settings_args(enabled=True, prior=fake.prior_name, concept=fake.concept_name,
                                concept_weight=2.5, terms="+2 a dog\n-1 @prior blurry"))
     (stats,) = fake.last_stats()
-    assert stats.per_call() == {"webui": 4.0, "prior": 4.0, "concept": 2.0, "main": 2.0}
+    assert stats.per_call() == {"webui": 2.0, "prior": 4.0, "concept": 2.0, "main": 2.0}
+    # the prior's uncond rows and the @prior term share one call, as do the WebUI's rows and the @main term
+    assert stats.calls_per_call() == {"concept": 1.0, "main": 1.0, "prior": 1.0}
 
 
 def test_hires_pass_gets_its_own_hook_and_negative_prompts(fake):
@@ -217,7 +225,7 @@ def test_wrapper_is_installed_once_composes_and_is_removed(fake):
         return other_original(x_out, conds_list, uncond, cond_scale)
 
     denoiser.combine_denoised = other
-    run_a = hook.PassRun((False,), None, (), None, "main", {})
+    run_a = hook.PassRun((False,), None, (), None, {})
     hook.install(denoiser, run_a)
     wrapper = denoiser.combine_denoised
     hook.install(denoiser, run_a)
@@ -226,8 +234,128 @@ def test_wrapper_is_installed_once_composes_and_is_removed(fake):
     assert denoiser.combine_denoised is other
     del denoiser.combine_denoised
     hook.install(denoiser, run_a)
+    assert "forward" in denoiser.inner_model.__dict__
     hook.remove(denoiser)
-    assert "combine_denoised" not in denoiser.__dict__
+    assert "combine_denoised" not in denoiser.__dict__ and "forward" not in denoiser.inner_model.__dict__
+
+
+LONG_PROMPT = "a " + " ".join(["very"] * 80) + " dog"  # more than 75 tokens: a 154-token context
+
+
+def previous_behaviour(monkeypatch):
+    """The hook as it was before the fast path: no intercept (overwrite the uncond rows) and one UNet call per
+    (model, prompt) block."""
+    from gcfg_webui import hook
+
+    monkeypatch.setattr(hook, "intercept_call", lambda *args: None)
+    batched = hook._run_blocks
+    monkeypatch.setattr(hook, "_run_blocks", lambda run, blocks, main_call=None: [
+        batched(run, [block], main_call)[0] for block in blocks])
+
+
+FIVE_ROWS = dict(concept_weight=1.5, terms="+2 a dog\n-1 blurry")
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+@pytest.mark.parametrize(("p_args", "named"), [
+    (dict(batch_size=2, prompt=["a cat AND a hat :0.5", "a dog"]), {}),
+    (dict(batch_size=2), FIVE_ROWS),
+    (dict(batch_size=2), dict(terms="+2 a dog\n-1 @prior blurry\n+1 @prior")),
+    (dict(negative_prompt="ugly", batch_size=2), dict(terms="+2 a dog\n+1 " + LONG_PROMPT)),
+    (dict(negative_prompt=["ugly", ""], batch_size=2), dict(negative_scale=-2, terms="+1 a dog")),
+    (dict(cfg_scale=1.0), {}),  # E₀ has coefficient 0: the WebUI's own uncond row is evaluated after all
+])
+def test_fast_path_equals_the_previous_overwrite_path(fake, monkeypatch, sampler, p_args, named):
+    """Same rows, same models, only batched differently: bit-identical with the fake's row-by-row UNets (real CPU
+    kernels differ by ~4e-7 per call between batch sizes, see the e2e suite for the real WebUI)."""
+    named = dict(enabled=True, prior=fake.prior_name, **named)
+    if "concept_weight" in named:
+        named["concept"] = fake.concept_name
+    fast = run(fake, fake.processing(sampler_name=sampler, **p_args), settings_args(**named))
+    fast_stats = fake.last_stats()[0]
+    with monkeypatch.context() as patch:
+        previous_behaviour(patch)
+        reference = run(fake, fake.processing(sampler_name=sampler, **p_args), settings_args(**named))
+        reference_stats = fake.last_stats()[0]
+    torch.testing.assert_close(fast, reference, rtol=0, atol=0)
+    assert reference_stats.routed_calls == 0
+    routes = "negative_prompt" not in p_args
+    assert (fast_stats.routed_calls == fast_stats.calls) is routes
+    if p_args.get("cfg_scale") == 1.0:
+        # the prior ran for nothing (known only at the combine step), then the WebUI's own uncond row was evaluated
+        assert fast_stats.per_call() == {"webui": 2.0, "prior": 1.0} and reference_stats.per_call() == {"webui": 2.0}
+        return
+    extra = {key: value for key, value in fast_stats.per_call().items() if key != "webui"}
+    assert extra == {key: value for key, value in reference_stats.per_call().items() if key != "webui"}
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_prior_concept_and_two_main_terms_take_five_rows_per_image_in_three_calls(fake, sampler):
+    run(fake, fake.processing(batch_size=2, sampler_name=sampler),
+        settings_args(enabled=True, prior=fake.prior_name, concept=fake.concept_name, **FIVE_ROWS))
+    (stats,) = fake.last_stats()
+    per_call = stats.per_call()
+    assert per_call == {"webui": 2.0, "prior": 2.0, "concept": 2.0, "main": 4.0}
+    assert sum(per_call.values()) / 2 == 5  # per image: cond, prior, concept, two terms (was 6 in 5 calls)
+    assert stats.calls_per_call() == {"concept": 1.0, "main": 1.0, "prior": 1.0}
+    assert fake.model.rows == 3 * 6 and fake.model.calls == 3
+
+
+def test_main_terms_of_another_token_length_get_a_second_main_call(fake):
+    run(fake, fake.processing(batch_size=2),
+        settings_args(enabled=True, prior=fake.prior_name, terms="+2 a dog\n-1 " + LONG_PROMPT))
+    (stats,) = fake.last_stats()
+    assert stats.per_call() == {"webui": 2.0, "prior": 2.0, "main": 4.0}
+    assert stats.calls_per_call() == {"main": 2.0, "prior": 1.0}
+
+
+@pytest.mark.parametrize(("options", "p_args", "routed"), [
+    ({"batch_cond_uncond": False}, {}, False),  # slices of B rows: the uncond rows are overwritten afterwards
+    ({}, {"prompt": LONG_PROMPT}, False),  # different token lengths: cond slices + a separate uncond call
+    ({"pad_cond_uncond": True}, {"prompt": LONG_PROMPT}, True),  # padded to one length: one batched call again
+])
+def test_other_layouts_use_the_overwrite_path_with_the_same_result(fake, monkeypatch, options, p_args, routed):
+    named = settings_args(enabled=True, prior=fake.prior_name, terms="+2 a dog")
+    fake.shared.opts.data.update(options)
+    result = run(fake, fake.processing(batch_size=2, **p_args), named)
+    (stats,) = fake.last_stats()
+    assert (stats.routed_calls == 3) is routed and (stats.routed_calls == 0) is not routed
+    assert stats.per_call() == {"webui": 2.0 if routed else 4.0, "prior": 2.0, "main": 2.0}
+    with monkeypatch.context() as patch:
+        previous_behaviour(patch)
+        reference = run(fake, fake.processing(batch_size=2, **p_args), named)
+    torch.testing.assert_close(result, reference, rtol=0, atol=0)
+
+
+def test_skipped_uncond_calls_stay_on_the_webui_path(fake, monkeypatch):
+    named = settings_args(enabled=True, prior=fake.prior_name)
+    result = run(fake, fake.processing(s_min_uncond=100.0, steps=4), named)
+    (stats,) = fake.last_stats()
+    assert stats.skipped_calls == 2 and stats.routed_calls == 2 and stats.extra_rows == {"prior": 2}
+    with monkeypatch.context() as patch:
+        previous_behaviour(patch)
+        reference = run(fake, fake.processing(s_min_uncond=100.0, steps=4), named)
+    torch.testing.assert_close(result, reference, rtol=0, atol=0)
+
+
+def test_nine_channel_model_terms_join_with_their_image_conditioning(fake, monkeypatch):
+    fake.use_main_model(in_channels=9)
+    p_args = dict(batch_size=2, init_latent=torch.zeros(2, 4, 8, 8), mask=torch.ones(2, 1, 8, 8))
+    named = settings_args(enabled=True, prior=fake.prior_name, terms="+2 a dog")
+    result = run(fake, fake.processing(**p_args), named)
+    (stats,) = fake.last_stats()
+    assert stats.routed_calls == stats.calls and stats.calls_per_call() == {"main": 1.0, "prior": 1.0}
+    with monkeypatch.context() as patch:
+        previous_behaviour(patch)
+        reference = run(fake, fake.processing(**p_args), named)
+    torch.testing.assert_close(result, reference, rtol=0, atol=0)
+
+
+def test_generation_end_removes_both_wrappers(fake):
+    p = fake.processing()
+    run(fake, p, settings_args(enabled=True, prior=fake.prior_name))
+    denoiser = p.sampler.model_wrap_cfg
+    assert "combine_denoised" not in denoiser.__dict__ and "forward" not in denoiser.inner_model.__dict__
 
 
 @pytest.mark.parametrize(("named", "argument"), [

@@ -117,6 +117,11 @@ def rows(client) -> list[dict]:
     return [run["rows_per_call"] for run in last_run(client)["passes"]]
 
 
+def model_calls(client) -> list[dict]:
+    """UNet calls per denoiser call by model (the main model's include the WebUI's own), per sampler pass."""
+    return [run["model_calls_per_call"] for run in last_run(client)["passes"]]
+
+
 def infotext(body, index=0) -> str:
     return json.loads(body["info"])["infotexts"][index]
 
@@ -163,6 +168,7 @@ def test_extra_term_equals_the_same_and_prompt(client, sampler, negative):
                       sampler_name=sampler))
     assert max_difference(term, fused) <= TOLERANCE
     assert rows(client) == [{"webui": 2.0, "main": 1.0}]
+    assert model_calls(client) == [{"main": 1.0}]  # the term's row joins the WebUI's call
 
 
 # --- the prior -------------------------------------------------------------------------------------------------
@@ -172,7 +178,10 @@ def test_prior_equal_to_the_main_checkpoint_reproduces_the_webui_uncond(client, 
     off = ok(txt2img(client, [False], sampler_name=sampler))
     on = ok(txt2img(client, [{"enabled": True, "prior": main_model}], sampler_name=sampler))
     assert max_difference(on, off) <= TOLERANCE
-    assert rows(client) == [{"webui": 2.0, "prior": 1.0}]
+    # the WebUI's uncond row is not computed: it went to the prior
+    assert rows(client) == [{"webui": 1.0, "prior": 1.0}]
+    assert model_calls(client) == [{"main": 1.0, "prior": 1.0}]
+    assert last_run(client)["passes"][0]["routed_calls"] == last_run(client)["passes"][0]["calls"]
 
 
 @needs_prior
@@ -181,7 +190,7 @@ def test_prior_changes_the_image_without_negative_prompt_and_is_written_to_infot
     off = ok(txt2img(client, [False], sampler_name=sampler))
     on = ok(txt2img(client, [{"enabled": True, "prior": PRIOR}], sampler_name=sampler))
     assert max_difference(on, off) > 8
-    assert rows(client) == [{"webui": 2.0, "prior": 1.0}]
+    assert rows(client) == [{"webui": 1.0, "prior": 1.0}]
     written = json.loads(on["info"])["extra_generation_params"]["GCFG prior"]
     assert written in PRIOR or PRIOR in written
 
@@ -217,7 +226,7 @@ def test_batch_and_hires_fix_with_the_main_checkpoint_as_prior_reproduce_the_web
     on = ok(txt2img(client, [{"enabled": True, "prior": main_model}], sampler_name=sampler, **HIRES))
     assert len(on["images"]) == 4 and max_difference(on, off) <= TOLERANCE
     # two batches, each with a first pass and a hires pass; 2 images per batch
-    assert rows(client) == [{"webui": 4.0, "prior": 2.0}] * 4
+    assert rows(client) == [{"webui": 2.0, "prior": 2.0}] * 4
 
 
 @needs_prior
@@ -227,8 +236,9 @@ def test_batch_hires_with_prior_and_prompts_uses_the_hires_prompts(client):
                     prompt="[a cat:a bird:0.5] AND a tree :0.3", hr_prompt="a red cat", **HIRES))
     assert max_difference(on, off) > 8
     first, hires = rows(client)[:2]
-    assert first == {"webui": 6.0, "main": 2.0, "prior": 2.0}  # two AND sub-prompts per image
-    assert hires == {"webui": 4.0, "main": 2.0, "prior": 2.0}  # the hires prompt has none
+    assert first == {"webui": 4.0, "main": 2.0, "prior": 2.0}  # two AND sub-prompts per image
+    assert hires == {"webui": 2.0, "main": 2.0, "prior": 2.0}  # the hires prompt has none
+    assert model_calls(client)[:2] == [{"main": 1.0, "prior": 1.0}] * 2
 
 
 @pytest.mark.parametrize(("sampler", "steps"), [("Euler", 3), ("DDIM", 6)])
@@ -241,7 +251,7 @@ def test_img2img_and_inpainting(client, main_model, sampler, steps, inpaint):
     off = ok(img2img(client, [False], **extra))
     same = ok(img2img(client, [{"enabled": True, "prior": main_model}], **extra))
     assert max_difference(same, off) <= TOLERANCE
-    assert rows(client)[0] == {"webui": 2.0, "prior": 1.0}
+    assert rows(client)[0] == {"webui": 1.0, "prior": 1.0}
     changed = ok(img2img(client, [{"enabled": True, "terms": "+3 a dog"}], **extra))
     assert max_difference(changed, off) > 0
     if inpaint:  # the area outside the mask is kept
@@ -266,7 +276,7 @@ def test_nine_channel_inpainting_main_model(client, main_model, concept, sampler
     assert max_difference(term, fused) <= TOLERANCE
     off = ok(img2img(client, [False], **extra))
     side = ok(img2img(client, [{"enabled": True, "prior": main_model, "concept": concept}], **extra))
-    assert rows(client)[0] == {"webui": 2.0, "prior": 1.0, "concept": 1.0}
+    assert rows(client)[0] == {"webui": 1.0, "prior": 1.0, "concept": 1.0}
     for image, base in zip(pixels(side), pixels(off), strict=True):
         assert int(abs(image - base).max()) > 0
         image[16:48, 16:48] = base[16:48, 16:48]
@@ -289,7 +299,8 @@ def test_concept_model_changes_the_image_and_weight_zero_does_not_run(client, co
 def test_prior_concept_and_two_terms_rows(client, concept, sampler):
     args = [True, PRIOR, concept, 2.5, "classic", "+2 a dog\n-1 blurry"]
     ok(txt2img(client, args, sampler_name=sampler))
-    assert rows(client) == [{"webui": 2.0, "prior": 1.0, "concept": 1.0, "main": 2.0}]
+    assert rows(client) == [{"webui": 1.0, "prior": 1.0, "concept": 1.0, "main": 2.0}]  # 5 rows (was 6)
+    assert model_calls(client) == [{"concept": 1.0, "main": 1.0, "prior": 1.0}]  # 3 calls (was 5)
 
 
 # --- API arguments, infotext, errors -----------------------------------------------------------------------------

@@ -10,14 +10,14 @@ import dataclasses
 from types import SimpleNamespace
 
 import torch
-from modules import prompt_parser, script_callbacks, sd_samplers, shared
+from modules import prompt_parser, script_callbacks, sd_hijack, sd_samplers, shared
 
 from gcfg_core.configs import TINY
 from gcfg_core.models import build_unet, dezero_, random_sd_model
 
 
 class FakeSDModel(torch.nn.Module):
-    """What the glue touches of a WebUI SD1 model: apply_model, conds, alphas, flags; counts UNet rows."""
+    """What the glue touches of a WebUI SD1 model: apply_model, conds, alphas, flags; counts UNet rows and calls."""
 
     def __init__(self, seed: int = 0, in_channels: int = 4):
         super().__init__()
@@ -33,7 +33,7 @@ class FakeSDModel(torch.nn.Module):
         self.cond_stage_key = "txt"
         self.is_sd1, self.is_sd2, self.is_sdxl = True, False, False
         self.parameterization = "eps"
-        self.rows = 0
+        self.rows = self.calls = 0
         with torch.no_grad():
             self.cond_stage_model_empty_prompt = self.sd.encode_prompts([""])
 
@@ -43,10 +43,11 @@ class FakeSDModel(torch.nn.Module):
 
     def apply_model(self, x, t, cond):
         self.rows += x.shape[0]
+        self.calls += 1
         if self.model.conditioning_key == "hybrid":
             x = torch.cat([x, *cond["c_concat"]], dim=1)
-        with torch.no_grad():
-            return self.unet(x, t, context=torch.cat(cond["c_crossattn"], 1))
+        with torch.no_grad():  # row by row, so that results do not depend on how rows are batched (see sd_hijack)
+            return sd_hijack.ldm_original_forward(self.unet, x, t, context=torch.cat(cond["c_crossattn"], 1))
 
 
 @dataclasses.dataclass

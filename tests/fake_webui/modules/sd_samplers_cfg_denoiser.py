@@ -1,4 +1,9 @@
-"""The CFG denoiser, written from webui-internals §3.3 (no padding, no refiner; edit models only detected)."""
+"""The CFG denoiser, written from webui-internals §3.3 (no refiner; edit models only detected).
+
+Its inner-model calls follow the WebUI's layouts (steps 10-11): one batched call of the very tensors the
+`on_cfg_denoiser` callback saw when the token lengths agree and `batch_cond_uncond` is on, slices of B rows
+when it is off, and with different lengths (no padding option) cond slices plus one separate uncond call.
+"""
 
 import torch
 
@@ -30,6 +35,29 @@ class CFGDenoiser(torch.nn.Module):
                 result[image] += (x_out[row] - base[image]) * (weight * cond_scale)
         return result
 
+    def _inner_calls(self, x_in, sigma_in, image_cond_in, tensor, uncond, batch, skip):
+        def call(rows, text):
+            return self.inner_model(x_in[rows], sigma_in[rows],
+                                    cond={"c_crossattn": [text], "c_concat": [image_cond_in[rows]]})
+
+        if tensor.shape[1] == uncond.shape[1] or skip:
+            cond_in = tensor if skip else torch.cat([tensor, uncond])
+            if shared.opts.batch_cond_uncond:
+                return self.inner_model(x_in, sigma_in, cond={"c_crossattn": [cond_in], "c_concat": [image_cond_in]})
+            x_out = torch.zeros_like(x_in)
+            for start in range(0, x_in.shape[0], batch):
+                rows = slice(start, start + batch)
+                x_out[rows] = call(rows, cond_in[rows])
+            return x_out
+        x_out = torch.zeros_like(x_in)
+        step = batch * 2 if shared.opts.batch_cond_uncond else batch
+        for start in range(0, tensor.shape[0], step):
+            rows = slice(start, min(start + step, tensor.shape[0]))
+            x_out[rows] = call(rows, tensor[rows])
+        rows = slice(x_in.shape[0] - batch, None)
+        x_out[rows] = call(rows, uncond)
+        return x_out
+
     def get_pred_x0(self, x_in, x_out, sigma):
         return x_out
 
@@ -60,11 +88,10 @@ class CFGDenoiser(torch.nn.Module):
         elif (self.step % 2 or shared.opts.s_min_uncond_all) and s_min_uncond > 0 and sigma[0] < s_min_uncond:
             skip = True
         if skip:
-            x_in, sigma_in, cond_in = x_in[:-batch], sigma_in[:-batch], tensor
-            image_cond_in = image_cond_in[:-batch]
-        else:
-            cond_in = torch.cat([tensor, uncond])
-        x_out = self.inner_model(x_in, sigma_in, cond={"c_crossattn": [cond_in], "c_concat": [image_cond_in]})
+            x_in, sigma_in, image_cond_in = x_in[:-batch], sigma_in[:-batch], image_cond_in[:-batch]
+        if shared.opts.pad_cond_uncond and tensor.shape[1] != uncond.shape[1]:
+            tensor, uncond = _pad_to_same_length(tensor, uncond, shared.sd_model.cond_stage_model_empty_prompt)
+        x_out = self._inner_calls(x_in, sigma_in, image_cond_in, tensor, uncond, batch, skip)
         self.rows_evaluated = getattr(self, "rows_evaluated", 0) + x_in.shape[0]
         if skip:
             x_out = torch.cat([x_out, torch.cat([x_out[conds[0][0]:conds[0][0] + 1] for conds in conds_list])])
@@ -78,3 +105,13 @@ class CFGDenoiser(torch.nn.Module):
             denoised = self._blend(denoised)
         self.step += 1
         return denoised
+
+
+def _pad_to_same_length(tensor, uncond, empty):
+    """`pad_cond_uncond`: append empty-prompt chunks to the shorter of cond and uncond (§3.3 step 10)."""
+    chunks = (tensor.shape[1] - uncond.shape[1]) // empty.shape[1]
+    if chunks > 0:
+        uncond = torch.cat([uncond, empty.repeat(uncond.shape[0], chunks, 1)], dim=1)
+    elif chunks < 0:
+        tensor = torch.cat([tensor, empty.repeat(tensor.shape[0], -chunks, 1)], dim=1)
+    return tensor, uncond

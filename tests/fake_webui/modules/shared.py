@@ -20,7 +20,7 @@ class OptionInfo:
 
 
 class Options:
-    _defaults = {"skip_early_cond": 0.0, "s_min_uncond_all": False, "batch_cond_uncond": True,
+    _defaults = {"skip_early_cond": 0.0, "s_min_uncond_all": False, "batch_cond_uncond": True, "pad_cond_uncond": False,
                  "CLIP_stop_at_last_layers": 1}
 
     def __init__(self):
