@@ -59,5 +59,5 @@ def test_two_process_accelerate_run_matches_one_process_with_accumulation(tmp_pa
     update_b = torch.cat([(b[k] - base[k]).flatten() for k in a if k in base])
     assert update_b.norm() > 0
     assert (update_a - update_b).norm() / update_b.norm() < 1e-3
-    for key in a.keys() - base.keys():  # the frozen null-text vectors: calibrated once, identical
-        assert torch.equal(a[key], b[key]), key
+    for key in a.keys() - base.keys():  # the frozen null-text vectors, calibrated once per run (thread counts of
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)  # the two processes may differ)
