@@ -23,6 +23,7 @@ without guidance. Rows with coefficient 0 are never evaluated.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 from collections.abc import Callable, Sequence
@@ -153,6 +154,26 @@ def condition_dict(cond, image_cond: Tensor | None) -> Condition:
     if isinstance(cond, dict):
         return {**cond, "c_concat": [image_cond]}
     return {"c_crossattn": [cond], "c_concat": [image_cond]}
+
+
+# sd-webui-controlnet marks every context row with one extra leading token, +1024 for cond rows and -1024 for
+# uncond rows, and treats unmarked rows as cond. E₀ taken from the current model stands where the WebUI's uncond
+# rows stand, so it must carry their mark; otherwise "ControlNet is more important" would control it.
+CONTROLNET_UNCOND_MARK = -1024.0
+
+
+def mark_like_webui_uncond(condition: Condition, text_uncond) -> Condition:
+    """`condition` with the WebUI's uncond rows' ControlNet mark prepended, when they carry one; else unchanged."""
+    crossattn = condition.get("c_crossattn")
+    if not isinstance(text_uncond, Tensor) or text_uncond.dim() != 3 or not crossattn:
+        return condition
+    cond = crossattn[0]
+    if not isinstance(cond, Tensor) or cond.shape[1] + 1 != text_uncond.shape[1]:
+        return condition
+    if not bool((text_uncond[:, 0] == CONTROLNET_UNCOND_MARK).all()):
+        return condition
+    mark = text_uncond[:1, :1].to(cond).expand(cond.shape[0], 1, cond.shape[2])
+    return {**condition, "c_crossattn": [torch.cat([mark, cond], dim=1)]}
 
 
 def _map_condition(condition: Condition, function: Callable[[Tensor], Tensor]) -> Condition:
@@ -366,8 +387,11 @@ def gcfg_combine(denoiser, original: Callable, x_out: Tensor, conds_list, uncond
     missing = [key for key in unique_keys([term for term, _ in coefficients.terms]) if key not in predictions]
     blocks = [_source_block(run.sources[key], x, sigma, image_cond, denoiser.step) for key in missing]
     if replace:
-        blocks.append(_source_block(run.uncond_source(), x[replace], sigma[replace], _rows(image_cond, replace),
-                                    denoiser.step))
+        block = _source_block(run.uncond_source(), x[replace], sigma[replace], _rows(image_cond, replace),
+                              denoiser.step)
+        if run.uncond is None:  # E₀ from the current model: it takes the place of the WebUI's uncond rows
+            block = dataclasses.replace(block, condition=mark_like_webui_uncond(block.condition, params.text_uncond))
+        blocks.append(block)
     outputs = _run_blocks(run, blocks)
     predictions.update(zip(missing, outputs[:len(missing)], strict=True))
     negative_rows = None

@@ -528,3 +528,20 @@ def test_weights_line_shows_what_the_negative_prompt_and_the_prior_get(fake):
                                                       "face.safetensors", 1.0)
     assert effective_weights("loud", 7, "").startswith("⚠")
     assert effective_weights("classic", 7, "", "4 no sign") == "The weights show once the extra terms are valid."
+
+
+def test_e0_from_the_current_model_carries_the_webui_uncond_rows_controlnet_mark():
+    from gcfg_webui.hook import CONTROLNET_UNCOND_MARK, mark_like_webui_uncond
+
+    cond = torch.randn(2, 77, 8)
+    condition = {"c_crossattn": [cond], "c_concat": [None]}
+    marked_uncond = torch.cat([torch.full((2, 1, 8), CONTROLNET_UNCOND_MARK), torch.randn(2, 77, 8)], dim=1)
+
+    marked = mark_like_webui_uncond(condition, marked_uncond)
+    assert marked["c_crossattn"][0].shape == (2, 78, 8)
+    assert torch.equal(marked["c_crossattn"][0][:, 0], torch.full((2, 8), CONTROLNET_UNCOND_MARK))
+    assert torch.equal(marked["c_crossattn"][0][:, 1:], cond) and marked["c_concat"] == [None]
+    # No ControlNet (unmarked rows of the same length), or a cond-marked uncond: left as it is.
+    assert mark_like_webui_uncond(condition, torch.randn(2, 77, 8)) is condition
+    cond_marked = torch.cat([torch.full((2, 1, 8), 1024.0), torch.randn(2, 77, 8)], dim=1)
+    assert mark_like_webui_uncond(condition, cond_marked) is condition
