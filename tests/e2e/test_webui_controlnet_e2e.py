@@ -145,7 +145,8 @@ def test_batch_and_hires_fix_with_prior_term_and_control(client, control_model, 
     assert len(body["images"]) == 4
     assert_controlnet_ran(body, "Balanced")
     # two batches, each a first pass and a hires pass; 2 images per batch
-    assert rows(client) == [{"webui": 4.0, "main": 2.0, "prior": 2.0}] * 4
+    # the uncond rows are routed to the prior: the WebUI evaluates only the cond rows
+    assert rows(client) == [{"webui": 2.0, "main": 2.0, "prior": 2.0}] * 4
 
 
 @pytest.mark.slow
@@ -158,17 +159,20 @@ def test_batch_and_hires_fix_prior_reproduces_the_webui_when_control_skips_the_u
     # 0.01 % by 1/255); a prior that lacked or double-counted the control would move them by tens.
     assert max_difference(on, off) <= 2 * TOLERANCE
     assert fraction_above(on, off, TOLERANCE) < 0.01
-    assert rows(client) == [{"webui": 4.0, "prior": 2.0}] * 4
+    assert rows(client) == [{"webui": 2.0, "prior": 2.0}] * 4
 
 
 def test_img2img_with_prior_and_control(client, control_model, main_model):
     init = ok(generate(client, "txt2img", [False], seed=7))["images"][0]
     extra = {"init_images": [init], "denoising_strength": 0.6}
     control = unit(control_model, mode="ControlNet is more important")
+    # The first img2img request of a fresh WebUI gives other pixels than the same request repeated (measured: up
+    # to 73/255 with GCFG off); a warm-up request makes the comparison independent of the test order.
+    ok(img2img(client, [False], control, **extra))
     off = ok(img2img(client, [False], control, **extra))
     same = ok(img2img(client, [{"enabled": True, "prior": main_model}], control, **extra))
     assert max_difference(same, off) <= TOLERANCE
-    assert rows(client) == [{"webui": 2.0, "prior": 1.0}]
+    assert rows(client) == [{"webui": 1.0, "prior": 1.0}]
     changed = ok(img2img(client, [{"enabled": True, "terms": "+3 a dog"}], control, **extra))
     assert max_difference(changed, off) > 0
 
@@ -195,7 +199,7 @@ def test_main_checkpoint_as_prior_against_plain_controlnet(client, control_model
     control = unit(control_model, mode=mode)
     off = ok(generate(client, "txt2img", [False], control))
     on = ok(generate(client, "txt2img", [{"enabled": True, "prior": main_model}], control))
-    assert rows(client) == [{"webui": 2.0, "prior": 1.0}]
+    assert rows(client) == [{"webui": 1.0, "prior": 1.0}]
     record_property("max_difference", max_difference(on, off))
     record_property("mean_difference", round(mean_difference(on, off), 3))
     if mode == "ControlNet is more important":
@@ -216,4 +220,4 @@ def test_control_weight_changes_the_gcfg_image(client, control_model, main_model
     full = ok(generate(client, "txt2img", gcfg, unit(control_model, weight=1.0, mode=mode)))
     assert max_difference(zero, without) <= TOLERANCE
     assert max_difference(full, zero) > 8
-    assert rows(client) == [{"webui": 2.0, "main": 1.0, "prior": 1.0}]
+    assert rows(client) == [{"webui": 1.0, "main": 1.0, "prior": 1.0}]
