@@ -25,6 +25,7 @@ import json
 import os
 
 import pytest
+from webui_responses import max_difference, ok, pixels
 
 URL = os.environ.get("GCFG_WEBUI_URL_CN", "")
 pytestmark = [pytest.mark.webui,
@@ -93,24 +94,6 @@ def img2img(client, gcfg_args, control, **overrides):
     """An img2img request after a fixed txt2img one (the init image's VAE sample uses the global RNG)."""
     ok(generate(client, "txt2img", [False], seed=123))
     return generate(client, "img2img", gcfg_args, control, **overrides)
-
-
-def ok(response):
-    assert response.status_code == 200, response.text[:2000]
-    return response.json()
-
-
-def pixels(body) -> list:
-    np = pytest.importorskip("numpy")
-    image_module = pytest.importorskip("PIL.Image")
-    return [np.asarray(image_module.open(io.BytesIO(base64.b64decode(data))).convert("RGB")).astype(int)
-            for data in body["images"]]
-
-
-def max_difference(first, second) -> int:
-    a, b = pixels(first), pixels(second)
-    assert len(a) == len(b)
-    return max(int(abs(x - y).max()) for x, y in zip(a, b, strict=True))
 
 
 def fraction_above(first, second, threshold: int) -> float:

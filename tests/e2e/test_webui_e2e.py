@@ -28,6 +28,7 @@ import json
 import os
 
 import pytest
+from webui_responses import max_difference, ok, pixels
 
 pytestmark = [pytest.mark.webui, pytest.mark.skipif(not os.environ.get("GCFG_WEBUI_DIR"),
                                                     reason="needs a real WebUI (GCFG_WEBUI_DIR)")]
@@ -88,24 +89,6 @@ def img2img(client, gcfg_args=None, **overrides):
     """
     ok(txt2img(client, [False], seed=123))
     return generate(client, "img2img", gcfg_args, **overrides)
-
-
-def ok(response):
-    assert response.status_code == 200, response.text[:2000]
-    return response.json()
-
-
-def pixels(body) -> list:
-    np = pytest.importorskip("numpy")
-    image_module = pytest.importorskip("PIL.Image")
-    return [np.asarray(image_module.open(io.BytesIO(base64.b64decode(data))).convert("RGB")).astype(int)
-            for data in body["images"]]
-
-
-def max_difference(first, second) -> int:
-    a, b = pixels(first), pixels(second)
-    assert len(a) == len(b)
-    return max(int(abs(x - y).max()) for x, y in zip(a, b, strict=True))
 
 
 def last_run(client) -> dict:
