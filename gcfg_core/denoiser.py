@@ -14,9 +14,10 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from gcfg_core.guidance import combine
+from gcfg_core.coefficients import step_coefficients
+from gcfg_core.guidance import combine_sources
 from gcfg_core.kdiff import k_diffusion_modules
-from gcfg_core.terms import GuidancePlan
+from gcfg_core.plan import GuidancePlan, SourceKey
 
 logger = logging.getLogger("gcfg.denoiser")
 
@@ -108,18 +109,19 @@ class GCFGDenoiser:
 
     Args:
         models: model name → `Denoiser`. Names mapping to the same object share one call.
-        plan: the terms; at each step `GuidancePlan.coefficients` decides what is evaluated.
+        plan: the sources and weights; at each step `gcfg_core.coefficients.step_coefficients` decides what is
+            evaluated (a source whose coefficient is 0 is not).
         conds: encoded prompts, ``[T, C]`` (every image), ``[1, T, C]`` or ``[B, T, C]`` (one per image), looked up
             by ``(model, prompt)`` first and then by ``prompt``, so that models with different text encoders can
             each have their own encoding. A None prompt is called with ``context=None`` (text-free concept UNet).
         sigmas: the sampler's schedule (descending, last 0); the step index of each call is read from it
             (`step_index`) and `steps` is ``len(sigmas) − 1``.
 
-    Per call: the active (model, prompt) pairs with non-zero coefficient are grouped by model; each model runs
-    once on ``[pairs × B]`` rows (x repeated, the contexts stacked). Contexts of different token lengths
+    Per call: the (model, prompt) sources with a non-zero coefficient are grouped by model; each model runs
+    once on ``[sources × B]`` rows (x repeated, the contexts stacked). Contexts of different token lengths
     (75-token chunks) for the same model go into separate calls instead of being padded, which is exact and is
-    what the WebUI does by default. The x₀ predictions are combined with `gcfg_core.guidance.combine`. Rows are
-    per image, so images of a batch never influence each other.
+    what the WebUI does by default. The x₀ predictions are combined with `gcfg_core.guidance.combine_sources`.
+    Rows are per image, so images of a batch never influence each other.
     """
 
     def __init__(self, models: Mapping[str, Callable[..., Tensor]], plan: GuidancePlan, conds: Mapping,
@@ -129,8 +131,8 @@ class GCFGDenoiser:
         missing = sorted(plan.models() - set(models))
         if missing:
             raise ValueError(f"the plan uses model(s) {missing} but only {sorted(models)} are available")
-        for term in (plan.uncond_term, *plan.terms):
-            _lookup_cond(conds, term.model, term.cond)
+        for model, cond in plan.keys():
+            _lookup_cond(conds, model, cond)
         self.models = dict(models)
         self.plan = plan
         self.conds = conds
@@ -144,7 +146,7 @@ class GCFGDenoiser:
     def step_index(self, sigma: Tensor) -> int:
         return step_index(float(sigma.reshape(-1)[0]), self.sigmas)
 
-    def _context(self, keys: tuple[tuple[str, str | None], ...], batch: int, like: Tensor) -> Tensor | None:
+    def _context(self, keys: tuple[SourceKey, ...], batch: int, like: Tensor) -> Tensor | None:
         cache_key = (keys, batch, like.device)
         if cache_key not in self._contexts:
             parts = [_lookup_cond(self.conds, model, cond) for model, cond in keys]
@@ -155,7 +157,7 @@ class GCFGDenoiser:
                 self._contexts[cache_key] = torch.cat(rows).to(like.device)
         return self._contexts[cache_key]
 
-    def _call_groups(self, keys: list[tuple[str, str | None]]) -> list[tuple[object, tuple]]:
+    def _call_groups(self, keys: list[SourceKey]) -> list[tuple[object, tuple]]:
         """(denoiser, keys) per call: keys grouped by denoiser object, then by context length."""
         groups: dict[tuple[int, int | None], tuple[object, list]] = {}
         for model, cond in keys:
@@ -170,16 +172,16 @@ class GCFGDenoiser:
             logger.debug("ignoring extra sampler arguments %s", sorted(extra))
         step = self.step_index(sigma)
         self.last_step = step
-        coefficients: dict[tuple[str, str | None], float] = {}
-        for term, coefficient in self.plan.coefficients(step, self.steps):
-            coefficients[term.key] = coefficients.get(term.key, 0.0) + coefficient
-        keys = [key for key, coefficient in coefficients.items() if coefficient != 0.0]
-        if not keys:
+        batch = x.shape[0]
+        plan = self.plan
+        coefficients = step_coefficients(plan.weights, [(1.0,)] * batch, [plan.has_negative] * batch, step,
+                                         self.steps)
+        per_source = plan.source_coefficients(coefficients)
+        if not per_source:
             raise ValueError(f"every guidance coefficient is 0 at step {step}: nothing to evaluate")
 
-        batch = x.shape[0]
-        predictions: dict[tuple[str, str | None], Tensor] = {}
-        for denoiser, group in self._call_groups(keys):
+        predictions: dict[SourceKey, Tensor] = {}
+        for denoiser, group in self._call_groups(list(per_source)):
             n = len(group)
             x_in = x if n == 1 else x.repeat(n, *([1] * (x.dim() - 1)))
             sigma_in = sigma if n == 1 else sigma.repeat(n)
@@ -187,13 +189,7 @@ class GCFGDenoiser:
             predictions.update(zip(group, output.split(batch), strict=True))
             self.unet_rows += n * batch
         self.calls += 1
-
-        # Base: the uncond term, or (its coefficient being 0) the smallest-coefficient term, so that a classic
-        # negative prompt computes exactly the WebUI's neg + s·(cond − neg). Any base is exact since Σ coeffs = 1.
-        uncond_key = self.plan.uncond_term.key
-        base = uncond_key if uncond_key in predictions else min(keys, key=lambda k: coefficients[k])
-        others = [key for key in keys if key != base]
-        return combine(predictions[base], [predictions[key] for key in others], [coefficients[key] for key in others])
+        return combine_sources([(predictions[key], values) for key, values in per_source.items()])
 
     @property
     def rows_per_call(self) -> float:

@@ -21,10 +21,11 @@ from gcfg_core.checkpoint import ModelFamily, short_hash
 from gcfg_core.denoiser import GCFGDenoiser, Prediction, UNetDenoiser
 from gcfg_core.models import SDModel
 from gcfg_core.params import GCFGSettings
+from gcfg_core.plan import GuidancePlan, classic_plan, standard_plan
 from gcfg_core.pngmeta import format_parameters
 from gcfg_core.sampling import ImageNoise, resolve_sampler, sample, schedule_sigmas
 from gcfg_core.syntax import format_number
-from gcfg_core.terms import GuidancePlan, GuidanceTerm, ModelSlot, standard_plan
+from gcfg_core.terms import ModelSlot
 
 logger = logging.getLogger("gcfg.pipeline")
 
@@ -80,8 +81,7 @@ def size_multiple(model: SDModel) -> int:
 def build_plan(request: GenerationRequest, *, has_concept: bool) -> GuidancePlan:
     """The guidance plan of a request: classic CFG when GCFG is disabled, else `standard_plan`."""
     if not request.gcfg.enabled:
-        prompt_term = GuidanceTerm(ModelSlot.MAIN.value, request.prompt, request.cfg_scale, label="prompt")
-        return GuidancePlan(ModelSlot.MAIN.value, (prompt_term,), uncond_cond=request.negative_prompt)
+        return classic_plan(request.cfg_scale, request.prompt, request.negative_prompt)
     settings = request.gcfg
     return standard_plan(
         request.cfg_scale, request.prompt, request.negative_prompt, settings.negative_scale,
@@ -90,7 +90,7 @@ def build_plan(request: GenerationRequest, *, has_concept: bool) -> GuidancePlan
 
 
 def _check_plan(plan: GuidancePlan, available: Mapping[str, object]) -> None:
-    for term in plan.terms:
+    for term in plan.weights.terms:
         if term.model not in available:
             hint = " (load a concept model)" if term.model == ModelSlot.CONCEPT.value else ""
             raise ValueError(f"term {term.weight:+g} uses model {term.model!r}, which is not loaded{hint}; "
@@ -103,14 +103,14 @@ def _check_plan(plan: GuidancePlan, available: Mapping[str, object]) -> None:
 def _encode_conds(plan: GuidancePlan, text_models: Mapping[str, SDModel], clip_skip: int) -> dict:
     conds: dict[tuple[str, str], Tensor] = {}
     encoded: dict[tuple[int, str], Tensor] = {}
-    for term in (plan.uncond_term, *plan.terms):
-        if term.cond is None:
+    for model_name, cond in plan.keys():
+        if cond is None:
             continue
-        model = text_models[term.model]
-        cache_key = (id(model), term.cond)
+        model = text_models[model_name]
+        cache_key = (id(model), cond)
         if cache_key not in encoded:
-            encoded[cache_key] = model.encode_prompts([term.cond], clip_skip=clip_skip)
-        conds[(term.model, term.cond)] = encoded[cache_key]
+            encoded[cache_key] = model.encode_prompts([cond], clip_skip=clip_skip)
+        conds[(model_name, cond)] = encoded[cache_key]
     return conds
 
 
