@@ -17,6 +17,18 @@ import enum
 import math
 from dataclasses import dataclass
 
+# Every weight a user types (concept weight, negative scale, extra terms) lies within ±MAX_WEIGHT, the WebUI's CFG
+# scale maximum: far beyond any useful guidance, and small enough that a typo such as 1e30 is refused before
+# sampling instead of overflowing it.
+MAX_WEIGHT = 30.0
+
+
+def weight_range_problem(value: float) -> str | None:
+    """The message for a weight outside [−MAX_WEIGHT, MAX_WEIGHT] (None when it is inside)."""
+    if -MAX_WEIGHT <= value <= MAX_WEIGHT:
+        return None
+    return f"{value:g} is outside [{-MAX_WEIGHT:g}, {MAX_WEIGHT:g}]"
+
 
 class ModelSlot(str, enum.Enum):
     """The model slots every GCFG run knows; a term's model may also be any other (checkpoint) name."""

@@ -14,7 +14,7 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel
 
-from gcfg_core.syntax import TermSyntaxError, format_terms, parse_terms
+from gcfg_core.syntax import TermSyntaxError, format_terms, parse_terms, term_warnings
 
 logger = logging.getLogger("gcfg.api")
 
@@ -51,13 +51,16 @@ class TermsRequest(BaseModel):
 
 
 def validate_terms(text: str) -> dict:
-    """The body of POST /gcfg/v1/terms/validate: the parsed terms or the syntax error's position."""
+    """The body of POST /gcfg/v1/terms/validate: the parsed terms or the syntax error's position, and warnings
+    for lines that parse but look like typos (a broken step window)."""
     try:
         terms = parse_terms(text)
     except TermSyntaxError as error:
         return {"valid": False, "error": {"line": error.line, "column": error.column, "expected": error.expected,
-                                          "message": str(error)}}
-    return {"valid": True, "error": None, "normalised": format_terms(terms),
+                                          "message": str(error)}, "warnings": []}
+    warnings = [{"line": warning.line, "column": warning.column, "message": str(warning)}
+                for warning in term_warnings(text)]
+    return {"valid": True, "error": None, "warnings": warnings, "normalised": format_terms(terms),
             "terms": [{"weight": term.weight, "model": term.model, "prompt": term.cond,
                        "window": None if term.window is None else [term.window.start, term.window.end]}
                       for term in terms]}

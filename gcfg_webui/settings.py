@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from gcfg_webui.a1111.side_models import EMPTY_PROMPT_CURRENT, EMPTY_PROMPT_OWN
 from gcfg_webui.args import NONE_CHOICE
-from gcfg_webui.extra_models import EMPTY_PROMPT_CURRENT, EMPTY_PROMPT_OWN, list_prior_titles
+from gcfg_webui.model_files import list_prior_titles
 
 SECTION = ("gcfg", "GCFG")
 
@@ -24,6 +25,10 @@ def options(shared, gr) -> dict:
             {"choices": [EMPTY_PROMPT_OWN, EMPTY_PROMPT_CURRENT]}).info(
             "the prior's own text encoder is faithful; the current model's is cheaper and equal when both share "
             "the SD 1.5 text encoder"),
+        "gcfg_routing": shared.OptionInfo(
+            True, "Route the uncond rows to the prior inside the WebUI's batched UNet call").info(
+            "saves rows; turn off when another extension hooks the UNet and expects the WebUI's [cond, uncond] "
+            "rows (GCFG also turns it off by itself when it sees the UNet's forward patched)"),
     }
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from modules import paths, script_callbacks, sd_models, shared
 
 from gcfg_webui import jobs_api, training_tab
-from gcfg_webui.extra_models import concept_dir
+from gcfg_webui.model_files import concept_dir
 from trainer.jobfolder import ACTIVE_STATES
 from trainer.jobs import JobInfo, JobManager, LaunchSpec, PathPolicy
 

@@ -54,11 +54,11 @@ def fake(fake_env):
     import modules
     from modules import sd_unet, shared
 
-    from gcfg_webui import extra_models
+    from gcfg_webui import model_files
 
     shared.opts.data.clear()
     sd_unet.current_unet = None
-    extra_models.CACHE.clear()
+    model_files.CACHE.clear()
     namespace = SimpleNamespace(modules=modules, shared=shared, runtime=fake_env.runtime,
                                 prior_name=fake_env.names["prior"], same_prior_name=fake_env.names["same"],
                                 concept_name="face.safetensors", last_p=None)
@@ -213,7 +213,9 @@ def test_inpainting_model_with_prior_gets_x_only(fake):
 
 
 def test_wrapper_is_installed_once_composes_and_is_removed(fake):
-    from gcfg_webui import hook
+    from gcfg_core.coefficients import GuidanceWeights
+    from gcfg_webui.a1111 import install
+    from gcfg_webui.a1111.passes import CurrentModel, PassController, PassPlan
 
     sampler = fake.modules.sd_samplers.create_sampler("Euler", fake.model)
     denoiser = sampler.model_wrap_cfg
@@ -225,32 +227,33 @@ def test_wrapper_is_installed_once_composes_and_is_removed(fake):
         return other_original(x_out, conds_list, uncond, cond_scale)
 
     denoiser.combine_denoised = other
-    run_a = hook.PassRun((False,), None, (), None, {})
-    hook.install(denoiser, run_a)
+    plan = PassPlan(GuidanceWeights(5.0), (False,), {}, None, None)
+    controller = PassController(denoiser, plan, CurrentModel(denoiser.inner_model.forward), routing=True)
+    install.install(denoiser, sampler, controller)
     wrapper = denoiser.combine_denoised
-    hook.install(denoiser, run_a)
+    install.install(denoiser, sampler, controller)
     assert denoiser.combine_denoised is wrapper and wrapper.gcfg_original is other
-    hook.remove(denoiser)
-    assert denoiser.combine_denoised is other
+    assert controller.foreign_combine  # another extension's wrapper may read the uncond rows
+    assert "get_sigmas" in sampler.__dict__
+    install.remove(denoiser, sampler)
+    assert denoiser.combine_denoised is other and "get_sigmas" not in sampler.__dict__
     del denoiser.combine_denoised
-    hook.install(denoiser, run_a)
-    assert "forward" in denoiser.inner_model.__dict__
-    hook.remove(denoiser)
+    install.install(denoiser, sampler, controller)
+    assert "forward" in denoiser.inner_model.__dict__ and not controller.foreign_combine
+    install.remove(denoiser, sampler)
     assert "combine_denoised" not in denoiser.__dict__ and "forward" not in denoiser.inner_model.__dict__
 
 
 LONG_PROMPT = "a " + " ".join(["very"] * 80) + " dog"  # more than 75 tokens: a 154-token context
 
 
-def previous_behaviour(monkeypatch):
-    """The hook as it was before the fast path: no intercept (overwrite the uncond rows) and one UNet call per
-    (model, prompt) block."""
-    from gcfg_webui import hook
+def previous_behaviour(monkeypatch, fake):
+    """The overwrite path (routing off in the settings) with one UNet call per (model, prompt) block."""
+    from gcfg_webui.a1111 import combine
 
-    monkeypatch.setattr(hook, "intercept_call", lambda *args: None)
-    batched = hook._run_blocks
-    monkeypatch.setattr(hook, "_run_blocks", lambda run, blocks, main_call=None: [
-        batched(run, [block], main_call)[0] for block in blocks])
+    fake.shared.opts.data["gcfg_routing"] = False
+    batched = combine.run_blocks
+    monkeypatch.setattr(combine, "run_blocks", lambda blocks, stats: [batched([block], stats)[0] for block in blocks])
 
 
 FIVE_ROWS = dict(concept_weight=1.5, terms="+2 a dog\n-1 blurry")
@@ -274,17 +277,20 @@ def test_fast_path_equals_the_previous_overwrite_path(fake, monkeypatch, sampler
     fast = run(fake, fake.processing(sampler_name=sampler, **p_args), settings_args(**named))
     fast_stats = fake.last_stats()[0]
     with monkeypatch.context() as patch:
-        previous_behaviour(patch)
+        previous_behaviour(patch, fake)
         reference = run(fake, fake.processing(sampler_name=sampler, **p_args), settings_args(**named))
         reference_stats = fake.last_stats()[0]
-    torch.testing.assert_close(fast, reference, rtol=0, atol=0)
-    assert reference_stats.routed_calls == 0
+    fake.shared.opts.data.pop("gcfg_routing")
+    assert reference_stats.routed_calls == 0 and reference_stats.path == "overwrite"
     routes = "negative_prompt" not in p_args
     assert (fast_stats.routed_calls == fast_stats.calls) is routes
     if p_args.get("cfg_scale") == 1.0:
-        # the prior ran for nothing (known only at the combine step), then the WebUI's own uncond row was evaluated
-        assert fast_stats.per_call() == {"webui": 2.0, "prior": 1.0} and reference_stats.per_call() == {"webui": 2.0}
+        # E₀'s coefficient is 0: neither the prior nor the WebUI's uncond row runs on the fast path; the result is
+        # the cond row (U + 1·(X − U) with U a copy of X) where the overwrite path rounds U + (X − U)
+        assert fast_stats.per_call() == {"webui": 1.0} and reference_stats.per_call() == {"webui": 2.0}
+        torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5)
         return
+    torch.testing.assert_close(fast, reference, rtol=0, atol=0)
     extra = {key: value for key, value in fast_stats.per_call().items() if key != "webui"}
     assert extra == {key: value for key, value in reference_stats.per_call().items() if key != "webui"}
 
@@ -322,7 +328,7 @@ def test_other_layouts_use_the_overwrite_path_with_the_same_result(fake, monkeyp
     assert (stats.routed_calls == 3) is routed and (stats.routed_calls == 0) is not routed
     assert stats.per_call() == {"webui": 2.0 if routed else 4.0, "prior": 2.0, "main": 2.0}
     with monkeypatch.context() as patch:
-        previous_behaviour(patch)
+        previous_behaviour(patch, fake)
         reference = run(fake, fake.processing(batch_size=2, **p_args), named)
     torch.testing.assert_close(result, reference, rtol=0, atol=0)
 
@@ -333,7 +339,7 @@ def test_skipped_uncond_calls_stay_on_the_webui_path(fake, monkeypatch):
     (stats,) = fake.last_stats()
     assert stats.skipped_calls == 2 and stats.routed_calls == 2 and stats.extra_rows == {"prior": 2}
     with monkeypatch.context() as patch:
-        previous_behaviour(patch)
+        previous_behaviour(patch, fake)
         reference = run(fake, fake.processing(s_min_uncond=100.0, steps=4), named)
     torch.testing.assert_close(result, reference, rtol=0, atol=0)
 
@@ -346,7 +352,7 @@ def test_nine_channel_model_terms_join_with_their_image_conditioning(fake, monke
     (stats,) = fake.last_stats()
     assert stats.routed_calls == stats.calls and stats.calls_per_call() == {"main": 1.0, "prior": 1.0}
     with monkeypatch.context() as patch:
-        previous_behaviour(patch)
+        previous_behaviour(patch, fake)
         reference = run(fake, fake.processing(**p_args), named)
     torch.testing.assert_close(result, reference, rtol=0, atol=0)
 
@@ -404,21 +410,21 @@ def test_infotext_round_trip_restores_every_parameter(fake):
 
 def test_paste_fills_defaults_maps_the_prior_and_turns_gcfg_off_without_keys(fake):
     from gcfg_core.params import GCFGSettings
-    from gcfg_webui import extra_models, infotext
+    from gcfg_webui import infotext, model_files
 
     assert infotext.generation_params(GCFGSettings(enabled=True)) == {"GCFG": "True"}
     pasted = {"GCFG": "True", "GCFG prior": "prior.safetensors"}
-    infotext.complete_pasted(pasted, extra_models.prior_choice)
+    infotext.complete_pasted(pasted, model_files.prior_choice)
     assert pasted == {"GCFG": "True", "GCFG prior": fake.prior_name, "GCFG concept": "None",
                       "GCFG concept weight": "2.5", "GCFG negative scale": "classic", "GCFG terms": ""}
     from modules import sd_models
 
     sd_models.register("/models/unhashed.safetensors", shorthash=None)  # listed without [hash] until hashed
     pasted = {"GCFG": "True", "GCFG prior": "unhashed.safetensors [abcdef0123]"}
-    infotext.complete_pasted(pasted, extra_models.prior_choice)
+    infotext.complete_pasted(pasted, model_files.prior_choice)
     assert pasted["GCFG prior"] == "unhashed.safetensors"
     without = {"Steps": "3"}
-    infotext.complete_pasted(without, extra_models.prior_choice)
+    infotext.complete_pasted(without, model_files.prior_choice)
     assert without == {"Steps": "3", "GCFG": "False"}
     assert infotext.settings_from_infotext(without).enabled is False
 
@@ -484,12 +490,12 @@ def test_settings_register_every_option(fake):
     from gcfg_webui import settings
 
     settings.register(fake.shared, gr)
-    assert {"gcfg_cache_size", "gcfg_keep_on_cpu", "gcfg_default_prior", "gcfg_empty_prompt_encoder"} <= set(
-        fake.shared.opts.data_labels)
+    assert {"gcfg_cache_size", "gcfg_keep_on_cpu", "gcfg_default_prior", "gcfg_empty_prompt_encoder",
+            "gcfg_routing"} <= set(fake.shared.opts.data_labels)
 
 
 def test_model_cache_is_lru_and_frees(fake):
-    from gcfg_webui.extra_models import ModelCache
+    from gcfg_webui.model_files import ModelCache
 
     cache = ModelCache()
     loads = []
@@ -531,7 +537,7 @@ def test_weights_line_shows_what_the_negative_prompt_and_the_prior_get(fake):
 
 
 def test_e0_from_the_current_model_carries_the_webui_uncond_rows_controlnet_mark():
-    from gcfg_webui.hook import CONTROLNET_UNCOND_MARK, mark_like_webui_uncond
+    from gcfg_webui.a1111.rows import CONTROLNET_UNCOND_MARK, mark_like_webui_uncond
 
     cond = torch.randn(2, 77, 8)
     condition = {"c_crossattn": [cond], "c_concat": [None]}
@@ -545,3 +551,217 @@ def test_e0_from_the_current_model_carries_the_webui_uncond_rows_controlnet_mark
     assert mark_like_webui_uncond(condition, torch.randn(2, 77, 8)) is condition
     cond_marked = torch.cat([torch.full((2, 1, 8), 1024.0), torch.randn(2, 77, 8)], dim=1)
     assert mark_like_webui_uncond(condition, cond_marked) is condition
+
+
+# --- defects of the first version, each pinned by a test ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("negative", ["ugly", ""])
+def test_cfg_plus_plus_scales_terms_like_the_prompt(fake, negative):
+    """DDIM CFG++ divides the CFG scale by 12.5; `+2 a dog` must stay the AND prompt `a dog :2/s` there too."""
+    scale = 5.0
+    p_args = dict(negative_prompt=negative, batch_size=2, sampler_name="DDIM CFG++", cfg_scale=scale)
+    composed = run(fake, fake.processing(prompt=f"a cat AND a dog :{2.0 / scale}", **p_args), [False])
+    term = run(fake, fake.processing(prompt="a cat", **p_args), settings_args(enabled=True, terms="+2 a dog"))
+    torch.testing.assert_close(term, composed, rtol=1e-4, atol=1e-4)
+
+
+def test_cfg_plus_plus_renoises_with_the_priors_uncond(fake):
+    """The prior equal to the main model reproduces the WebUI's own DDIM CFG++ image, whose renoising direction
+    is the uncond prediction: GCFG must hand it E₀ whatever its coefficient."""
+    fake.shared.opts.data["gcfg_empty_prompt_encoder"] = "Current model's text encoder"
+    p_args = dict(batch_size=2, sampler_name="DDIM CFG++", cfg_scale=1.0)
+    off = run(fake, fake.processing(**p_args), [False])
+    on = run(fake, fake.processing(**p_args), settings_args(enabled=True, prior=fake.same_prior_name))
+    assert fake.last_stats()[0].extra_rows["prior"] > 0  # E₀'s coefficient is 0 at CFG 1, but CFG++ reads it
+    torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-4)
+
+
+def test_cfg_one_with_a_prior_runs_no_prior_rows(fake):
+    off = run(fake, fake.processing(cfg_scale=1.0, batch_size=2), [False])
+    on = run(fake, fake.processing(cfg_scale=1.0, batch_size=2), settings_args(enabled=True, prior=fake.prior_name))
+    (stats,) = fake.last_stats()
+    assert "prior" not in stats.extra_rows and stats.per_call() == {"webui": 2.0}  # 2 images × 1 cond row
+    torch.testing.assert_close(on, off, rtol=0, atol=1e-5)
+    run(fake, fake.processing(cfg_scale=0.5), settings_args(enabled=True, prior=fake.prior_name, terms="+0.5 dog"))
+    assert "prior" not in fake.last_stats()[0].extra_rows  # weights summing to 1
+
+
+def test_numeric_negative_with_a_prior_follows_the_coefficients(fake):
+    """A numeric negative scale n with a prior and a mixed batch: image 0 (negative "ugly") gets
+    c₀·E₀ + s·X + n·N, image 1 (no negative) c₀'·E₀ + s·X; checked against the same rows computed alone."""
+    p_args = dict(negative_prompt=["ugly", ""], batch_size=2, steps=2)
+    named = settings_args(enabled=True, prior=fake.prior_name, negative_scale=-2)
+    routed = run(fake, fake.processing(**p_args), named)
+    stats = fake.last_stats()[0]
+    assert stats.per_call() == {"webui": 3.0, "prior": 2.0}  # 2 cond rows + image 0's N; E₀ for both
+    fake.shared.opts.data["gcfg_routing"] = False
+    overwrite = run(fake, fake.processing(**p_args), named)
+    torch.testing.assert_close(routed, overwrite, rtol=0, atol=1e-5)
+
+
+def test_prior_equal_to_main_with_mixed_negatives_is_gcfg_off(fake):
+    """Negatives ["ugly", ""]: image 0 keeps the WebUI's classic CFG, image 1's E₀ comes from a prior that
+    equals the main model — the whole batch must equal GCFG off."""
+    fake.shared.opts.data["gcfg_empty_prompt_encoder"] = "Current model's text encoder"
+    p_args = dict(negative_prompt=["ugly", ""], batch_size=2)
+    off = run(fake, fake.processing(**p_args), [False])
+    on = run(fake, fake.processing(**p_args), settings_args(enabled=True, prior=fake.same_prior_name))
+    assert fake.last_stats()[0].per_call() == {"webui": 3.0, "prior": 1.0}
+    torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-4)
+
+
+def test_windows_follow_sigma_on_a_second_order_sampler(fake):
+    """Heun with 4 steps calls the denoiser 7 times; GCFG's step is σ's position in the schedule (the corrector at
+    σᵢ₊₁ belongs to step i+1), as in the standalone sampler: a {0-0.5} term runs on the calls of steps 0-1."""
+    run(fake, fake.processing(sampler_name="Heun", steps=4, negative_prompt="ugly"),
+        settings_args(enabled=True, terms="+1 {0-0.5} dog"))
+    (stats,) = fake.last_stats()
+    assert stats.steps_seen == [0, 1, 1, 2, 2, 3, 3] and stats.step_source == "schedule"
+    assert stats.extra_rows == {"main": 3}
+
+
+def test_windows_on_ddim_follow_its_timesteps(fake):
+    run(fake, fake.processing(sampler_name="DDIM", steps=4, negative_prompt="ugly"),
+        settings_args(enabled=True, terms="+1 {0.5-1} dog"))
+    (stats,) = fake.last_stats()
+    # timesteps 1, 251, 501, 751: three evaluations (751, 501, 251) of a 3-step schedule
+    assert stats.steps_seen == [0, 1, 2] and stats.extra_rows == {"main": 1}
+
+
+def test_skipped_uncond_rows_are_observed_not_recomputed(fake, monkeypatch):
+    """A WebUI whose skip rule differs from 1.10's (here: every third call) must not make GCFG treat the missing
+    uncond rows as real."""
+    from modules import sd_samplers_cfg_denoiser
+
+    skipped = []
+
+    def every_third(self, sigma, s_min_uncond):
+        skip = self.step % 3 == 2
+        skipped.append(skip)
+        return skip
+
+    monkeypatch.setattr(sd_samplers_cfg_denoiser.CFGDenoiser, "skips_uncond", every_third, raising=False)
+    run(fake, fake.processing(steps=6), settings_args(enabled=True, prior=fake.prior_name, terms="+1 dog"))
+    (stats,) = fake.last_stats()
+    assert stats.skipped_calls == sum(skipped) == 2
+    assert stats.extra_rows == {"prior": 4, "main": 4}  # GCFG stays out of the skipped calls
+
+
+def test_row_sources_select_the_images_they_are_asked_for(fake):
+    from modules import prompt_parser
+
+    from gcfg_webui.a1111 import session
+    from gcfg_webui.a1111.rows import ModelRunner
+
+    conds = prompt_parser.get_learned_conditioning(fake.model, ["a cat", "a dog"], 3)
+    source = session._main_source("main", ModelRunner("main", lambda *args: None), conds)
+    rows = source.condition(0, [1], None)["c_crossattn"][0]
+    assert torch.equal(rows, fake.model.get_learned_conditioning(["a dog"]))
+
+
+def test_refiner_switch_re_encodes_the_current_models_terms(fake):
+    """After the switch the WebUI re-encodes its prompt for the refiner; an @main term must follow, so that
+    `+2 a dog` still equals the AND prompt `a dog :0.4`."""
+    refiner = fake.runtime.FakeSDModel(seed=5)
+    p_args = dict(negative_prompt="ugly", steps=4, refiner_switch_at=0.5)
+    composed = run(fake, fake.processing(prompt="a cat AND a dog :0.4", refiner_model=refiner, **p_args), [False])
+    fake.use_main_model()
+    term = run(fake, fake.processing(prompt="a cat", refiner_model=refiner, **p_args),
+               settings_args(enabled=True, terms="+2 a dog"))
+    torch.testing.assert_close(term, composed, rtol=1e-4, atol=1e-4)
+    assert fake.shared.sd_model is refiner
+
+
+def test_a_refiner_gcfg_cannot_follow_fails_the_request(fake):
+    from gcfg_webui.errors import GCFGRequestError
+
+    refiner = fake.runtime.FakeSDModel(seed=5)
+    refiner.is_sd1, refiner.is_sdxl = False, True
+    with pytest.raises(GCFGRequestError, match="refiner") as caught:
+        run(fake, fake.processing(steps=4, refiner_model=refiner), settings_args(enabled=True, prior=fake.prior_name))
+    assert caught.value.argument == "refiner" and "SDXL" in caught.value.detail
+
+
+def test_an_sdxl_refiner_file_is_refused_before_sampling(fake, tmp_path):
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from gcfg_webui.errors import GCFGRequestError
+
+    path = tmp_path / "refiner.safetensors"
+    save_file({"conditioner.embedders.0.model.ln_final.weight": torch.zeros(4)}, str(path))
+    info = SimpleNamespace(filename=str(path), title="refiner.safetensors [0]")
+    with pytest.raises(GCFGRequestError, match="SDXL") as caught:
+        run(fake, fake.processing(refiner_checkpoint_info=info), settings_args(enabled=True, prior=fake.prior_name))
+    assert caught.value.argument == "refiner" and fake.model.rows == 0
+
+
+def test_routing_opt_out_gives_the_same_image_and_says_so(fake):
+    named = settings_args(enabled=True, prior=fake.prior_name, terms="+2 a dog")
+    routed = run(fake, fake.processing(batch_size=2), named)
+    assert fake.last_stats()[0].path == "routed"
+    fake.shared.opts.data["gcfg_routing"] = False
+    overwrite = run(fake, fake.processing(batch_size=2), named)
+    stats = fake.last_stats()[0]
+    assert stats.path == "overwrite" and stats.routed_calls == 0
+    torch.testing.assert_close(routed, overwrite, rtol=0, atol=1e-5)
+
+
+def test_a_foreign_unet_forward_patch_turns_routing_off_but_controlnets_does_not(fake):
+    named = settings_args(enabled=True, prior=fake.prior_name)
+    unet = fake.model.model.diffusion_model
+    original = unet.forward
+
+    def patched(*args, **kwargs):  # an extension that assumes the WebUI's [cond…, uncond…] rows
+        return original(*args, **kwargs)
+
+    unet.forward = patched
+    run(fake, fake.processing(), named)
+    assert fake.last_stats()[0].path == "overwrite"
+    patched.__module__ = "scripts.hook"  # sd-webui-controlnet's UnetHook reads its row marks instead
+    run(fake, fake.processing(), named)
+    assert fake.last_stats()[0].path == "routed"
+    del unet.forward
+
+
+@pytest.mark.parametrize(("named", "argument", "message"), [
+    ({"terms": "+1e30 a dog"}, "terms", "weight 1e+30 is outside [-30, 30]"),
+    ({"concept_weight": 1e30}, "concept_weight", "1e+30 is outside [-30, 30]"),
+    ({"negative_scale": "-31"}, "negative_scale", "-31 is outside [-30, 30]"),
+])
+def test_every_weight_is_range_checked_with_one_rule(fake, named, argument, message):
+    from gcfg_webui.args import settings_from_args
+    from gcfg_webui.errors import GCFGRequestError
+
+    with pytest.raises(GCFGRequestError) as caught:
+        settings_from_args([{"enabled": True, **named}])
+    assert caught.value.argument == argument and caught.value.status_code == 422
+    assert message in caught.value.detail
+
+
+def test_live_terms_check_warns_about_a_broken_window(fake):
+    from gcfg_webui.ui import terms_status
+
+    status = terms_status("+1 {0.5- dog")
+    assert status.startswith("✓ 1 term") and "line 1, column 4" in status and "step window" in status
+
+
+def test_last_run_reports_the_path_and_the_steps(fake):
+    from gcfg_webui import generation
+
+    run(fake, fake.processing(steps=3), settings_args(enabled=True, prior=fake.prior_name))
+    report = generation.last_run()
+    (one_pass,) = report["passes"]
+    assert one_pass["path"] == "routed" and one_pass["steps"] == [0, 1, 2] and one_pass["routed_calls"] == 3
+
+
+def test_an_unsupported_host_refuses_instead_of_an_unguided_image(fake, monkeypatch):
+    from gcfg_webui import hosts
+
+    monkeypatch.setattr(hosts, "_has_module", lambda name: name == "backend.sampling.sampling_function")
+    host = hosts.detect()
+    assert not host.supported and host.name == "Forge"
+    error = hosts.unsupported_error(host)
+    assert error.status_code == 422 and "Forge" in error.detail

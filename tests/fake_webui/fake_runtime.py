@@ -72,6 +72,9 @@ class FakeProcessing:
     mask: torch.Tensor | None = None
     s_min_uncond: float = 0.0
     is_api: bool = False
+    refiner_model: object = None  # switched to when the completed ratio reaches refiner_switch_at
+    refiner_switch_at: float = 0.5
+    refiner_checkpoint_info: object = None
 
     def __post_init__(self):
         self.extra_generation_params = {}
@@ -82,9 +85,18 @@ class FakeProcessing:
         self.hr_upscale_to_x, self.hr_upscale_to_y = self.width * 2, self.height * 2
         self.calls = []
 
+    def setup_conds(self):
+        """What the WebUI does after a refiner switch: the batch's prompts encoded again by the new model."""
+        steps = sd_samplers.find_sampler_config(self.sampler_name).total_steps(self.steps)
+        self.c = prompt_parser.get_multicond_learned_conditioning(shared.sd_model, self.prompts, steps)
+        self.uc = prompt_parser.get_learned_conditioning(shared.sd_model, self.negative_prompts, steps)
+
+    def get_conds(self):
+        return self.c, self.uc
+
     def get_conds_with_caching(self, function, required_prompts, steps, caches, extra_network_data,
                                hires_steps=None):
-        key = (tuple(required_prompts), steps, hires_steps)
+        key = (tuple(required_prompts), steps, hires_steps, id(shared.sd_model))  # the WebUI keys on the checkpoint
         for cache in caches:
             if cache[0] == key:
                 return cache[1]

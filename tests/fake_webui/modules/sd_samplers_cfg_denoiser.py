@@ -1,4 +1,4 @@
-"""The CFG denoiser, written from webui-internals §3.3 (no refiner; edit models only detected).
+"""The CFG denoiser, written from webui-internals §3.3 (edit models only detected).
 
 Its inner-model calls follow the WebUI's layouts (steps 10-11): one batched call of the very tensors the
 `on_cfg_denoiser` callback saw when the token lengths agree and `batch_cond_uncond` is on, slices of B rows
@@ -58,6 +58,18 @@ class CFGDenoiser(torch.nn.Module):
         x_out[rows] = call(rows, uncond)
         return x_out
 
+    def skips_uncond(self, sigma, s_min_uncond):
+        """Skip Early CFG and NGMS (§3.3 step 9); a separate method so that tests can give the fake another rule."""
+        if shared.opts.skip_early_cond != 0 and self.step / self.total_steps <= shared.opts.skip_early_cond:
+            return True
+        return bool((self.step % 2 or shared.opts.s_min_uncond_all) and s_min_uncond > 0 and sigma[0] < s_min_uncond)
+
+    def update_inner_model(self):
+        self.model_wrap = None
+        c, uc = self.p.get_conds()
+        self.sampler.sampler_extra_args["cond"] = c
+        self.sampler.sampler_extra_args["uncond"] = uc
+
     def get_pred_x0(self, x_in, x_out, sigma):
         return x_out
 
@@ -67,6 +79,9 @@ class CFGDenoiser(torch.nn.Module):
     def forward(self, x, sigma, uncond, cond, cond_scale, s_min_uncond, image_cond):
         if shared.state.interrupted:
             raise sd_samplers_common.InterruptedException
+        if sd_samplers_common.apply_refiner(self, sigma):
+            cond = self.sampler.sampler_extra_args["cond"]
+            uncond = self.sampler.sampler_extra_args["uncond"]
         conds_list, tensor = prompt_parser.reconstruct_multicond_batch(cond, self.step)
         uncond = prompt_parser.reconstruct_cond_batch(uncond, self.step)
         if self.mask_before_denoising and self.mask is not None:
@@ -82,11 +97,7 @@ class CFGDenoiser(torch.nn.Module):
         cfg_denoiser_callback(params)
         x_in, image_cond_in, sigma_in = params.x, params.image_cond, params.sigma
         tensor, uncond = params.text_cond, params.text_uncond
-        skip = False
-        if shared.opts.skip_early_cond != 0 and self.step / self.total_steps <= shared.opts.skip_early_cond:
-            skip = True
-        elif (self.step % 2 or shared.opts.s_min_uncond_all) and s_min_uncond > 0 and sigma[0] < s_min_uncond:
-            skip = True
+        skip = self.skips_uncond(sigma, s_min_uncond)
         if skip:
             x_in, sigma_in, image_cond_in = x_in[:-batch], sigma_in[:-batch], image_cond_in[:-batch]
         if shared.opts.pad_cond_uncond and tensor.shape[1] != uncond.shape[1]:

@@ -1,4 +1,4 @@
-"""Prior, concept and other-checkpoint UNets beside the WebUI's model: loading, an LRU cache, running them.
+"""A1111: prior, concept and other-checkpoint UNets beside the WebUI's model — loading and running them.
 
 They are built by `gcfg_core` from the files (never through `sd_models.load_model`, never assigned to
 `shared.sd_model`), so the WebUI's LoRA, which only patches layers of `shared.sd_model`, never reaches them.
@@ -11,77 +11,23 @@ sampling) under the WebUI's dtype and autocast.
 from __future__ import annotations
 
 import logging
-import os
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from modules import devices, lowvram, paths, sd_hijack, sd_models, shared
+from modules import devices, lowvram, sd_hijack, shared
 from torch import Tensor, nn
 
 from gcfg_core.checkpoint import CheckpointError
 from gcfg_core.models import SDModel, load_sd_checkpoint
+from gcfg_webui.a1111.rows import ModelRunner, RowSource, SamplerSpace
 from gcfg_webui.errors import GCFGRequestError
-from gcfg_webui.hook import ModelRunner, RowSource, SamplerSpace
+from gcfg_webui.model_files import CACHE, resolve_checkpoint, resolve_concept
 
-logger = logging.getLogger("gcfg.models")
+logger = logging.getLogger("gcfg.a1111.models")
 
-CONCEPT_DIR_NAME = "GCFG"
-CONCEPT_SUFFIXES = (".safetensors",)
 EMPTY_PROMPT_OWN = "Prior's own text encoder"
 EMPTY_PROMPT_CURRENT = "Current model's text encoder"
-
-
-def concept_dir() -> str:
-    """The concept-model folder: `<models>/GCFG` (created on first listing)."""
-    return os.path.join(paths.models_path, CONCEPT_DIR_NAME)
-
-
-def list_concept_models() -> list[str]:
-    """Concept-model file names (relative to `concept_dir()`), sorted."""
-    root = concept_dir()
-    os.makedirs(root, exist_ok=True)
-    found = []
-    for folder, _, files in os.walk(root):
-        for name in files:
-            if name.lower().endswith(CONCEPT_SUFFIXES):
-                found.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
-    return sorted(found)
-
-
-def list_prior_titles() -> list[str]:
-    """The WebUI's checkpoint titles (`name [hash]`), as in its own checkpoint dropdown."""
-    return list(sd_models.checkpoint_tiles())
-
-
-def resolve_checkpoint(name: str, argument: str):
-    """The WebUI's `CheckpointInfo` for a title or name, or a `GCFGRequestError` naming `argument`."""
-    info = sd_models.get_closet_checkpoint_match(name)
-    if info is None:
-        raise GCFGRequestError(argument, f"no checkpoint matches {name!r}; see /gcfg/v1/priors for the choices")
-    return info
-
-
-def checkpoint_name(name: str) -> str:
-    """The stable name (path under the checkpoint folder, no hash) of the checkpoint `name` matches, for infotext."""
-    info = sd_models.get_closet_checkpoint_match(name) if name else None
-    return name if info is None else info.name
-
-
-def prior_choice(name: str) -> str:
-    """The prior dropdown's current title for a pasted checkpoint name or title (unchanged when nothing matches)."""
-    info = sd_models.get_closet_checkpoint_match(name)
-    return name if info is None else info.title
-
-
-def resolve_concept(name: str) -> str:
-    root = os.path.realpath(concept_dir())
-    path = os.path.realpath(os.path.join(root, name))
-    if not path.startswith(root + os.sep) or not os.path.isfile(path):
-        raise GCFGRequestError("concept", f"no concept model {name!r} in {root}; see /gcfg/v1/concepts")
-    return path
 
 
 @dataclass
@@ -129,43 +75,6 @@ def _keep_on_cpu() -> bool:
 
 def _run_device() -> torch.device:
     return torch.device(devices.device)
-
-
-class ModelCache:
-    """A small LRU cache of loaded side models, keyed by (kind, file, dtype); thread-safe."""
-
-    def __init__(self) -> None:
-        self._models: OrderedDict[tuple, ExtraModel] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple, load: Callable[[], ExtraModel], capacity: int) -> ExtraModel:
-        with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
-        model = load()
-        with self._lock:
-            self._models[key] = model
-            self._models.move_to_end(key)
-            while len(self._models) > max(int(capacity), 1):
-                evicted_key, _ = self._models.popitem(last=False)
-                logger.info("GCFG: unloaded %s", evicted_key)
-        return model
-
-    def keys(self) -> list[tuple]:
-        with self._lock:
-            return list(self._models)
-
-    def clear(self) -> int:
-        """Free every cached model; returns how many were held."""
-        with self._lock:
-            count = len(self._models)
-            self._models.clear()
-        devices.torch_gc()
-        return count
-
-
-CACHE = ModelCache()
 
 
 def _capacity() -> int:
@@ -243,7 +152,7 @@ def side_runner(space: SamplerSpace, inner_model, model: ExtraModel, name: str) 
 def context_source(model_name: str, runner: ModelRunner, context: Tensor | None) -> RowSource:
     """A prompt (or the empty prompt) of a side model: the same context for every row."""
 
-    def condition(step: int, rows: int, image_cond: Tensor | None) -> dict:
-        return {"c_crossattn": [None if context is None else context.expand(rows, -1, -1)]}
+    def condition(step: int, images: Sequence[int], image_cond: Tensor | None) -> dict:
+        return {"c_crossattn": [None if context is None else context.expand(len(images), -1, -1)]}
 
     return RowSource(model_name, runner, condition)
