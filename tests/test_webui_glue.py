@@ -765,3 +765,24 @@ def test_an_unsupported_host_refuses_instead_of_an_unguided_image(fake, monkeypa
     assert not host.supported and host.name == "Forge"
     error = hosts.unsupported_error(host)
     assert error.status_code == 422 and "Forge" in error.detail
+
+
+def test_concept_files_linked_into_the_folder_work_and_names_cannot_leave_it(fake, tmp_path):
+    import os
+
+    from gcfg_webui import model_files
+    from gcfg_webui.errors import GCFGRequestError
+
+    root = model_files.concept_dir()
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(open(os.path.join(root, "face.safetensors"), "rb").read())
+    link = os.path.join(root, "linked.safetensors")
+    os.symlink(outside, link)
+    try:
+        assert "linked.safetensors" in model_files.list_concept_models()
+        assert model_files.resolve_concept("linked.safetensors") == link
+        for name in ("../Stable-diffusion/prior.safetensors", str(outside), "missing.safetensors"):
+            with pytest.raises(GCFGRequestError, match="no concept model"):
+                model_files.resolve_concept(name)
+    finally:
+        os.remove(link)
