@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from gcfg_webui.a1111.side_models import EMPTY_PROMPT_CURRENT, EMPTY_PROMPT_OWN
 from gcfg_webui.args import NONE_CHOICE
 from gcfg_webui.model_files import list_prior_titles
 
 SECTION = ("gcfg", "GCFG")
+EMPTY_PROMPT_OWN = "Prior's own text encoder"
+EMPTY_PROMPT_CURRENT = "Current model's text encoder"
 
 
 def options(shared, gr) -> dict:

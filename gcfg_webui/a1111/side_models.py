@@ -23,11 +23,10 @@ from gcfg_core.models import SDModel, load_sd_checkpoint
 from gcfg_webui.a1111.rows import ModelRunner, RowSource, SamplerSpace
 from gcfg_webui.errors import GCFGRequestError
 from gcfg_webui.model_files import CACHE, resolve_checkpoint, resolve_concept
+from gcfg_webui.settings import EMPTY_PROMPT_CURRENT, EMPTY_PROMPT_OWN
 
 logger = logging.getLogger("gcfg.a1111.models")
 
-EMPTY_PROMPT_OWN = "Prior's own text encoder"
-EMPTY_PROMPT_CURRENT = "Current model's text encoder"
 
 
 @dataclass
