@@ -37,7 +37,8 @@ class UNetDenoiser(nn.Module):
     The output is converted to x₀ with the UNet's own `prediction` (`gcfg_core.parameterization`): EPS is
     k-diffusion's `CompVisDenoiser`, V its `CompVisVDenoiser` (same scalings, no `apply_model` needed); X0 returns
     the UNet output as is. The UNet sees ``x·c_in`` (= x_t) and the fractional timestep of σ on *its* schedule, so
-    models on different schedules (zero terminal SNR or not) can serve one sampler. An `SDXLConditioning` context
+    models on different schedules (zero terminal SNR or not) can serve one sampler; a σ outside the schedule's range
+    is read at the range's end (`gcfg_core.parameterization.denoised_from_output`). An `SDXLConditioning` context
     is passed as ``context=crossattn, y=vector``.
     """
 
@@ -72,7 +73,9 @@ class UNetDenoiser(nn.Module):
             output = self.unet(x * c_in, t, context=context.crossattn, y=context.vector)
         else:
             output = self.unet(x * c_in, t, context=context)
-        return denoised_from_output(self.prediction, output.to(x.dtype), x, sigma_x)
+        # The σ this model's own schedule can represent: beyond its range it sees (and is read at) the end of it.
+        model_sigma = sigma.clamp(self.schedule.sigma_min, self.schedule.sigma_max).to(x.dtype).reshape(view)
+        return denoised_from_output(self.prediction, output.to(x.dtype), x, sigma_x, model_sigma)
 
 
 def step_index(sigma: float, sigmas: Tensor) -> int:

@@ -23,6 +23,7 @@ from torch import Tensor
 # ᾱ_T after the rescale is exactly 0 (σ = ∞); the WebUI (`rescale_zero_terminal_snr_abar`) and ComfyUI put this
 # value there instead, which makes σ_max ≈ 4518.8.
 ZTSNR_LAST_ALPHA_CUMPROD = 4.8973451890853435e-08
+_SAME_SIGMA_RTOL = 1e-5
 
 
 class Prediction(str, enum.Enum):
@@ -89,15 +90,34 @@ def _column(sigma: Tensor, like: Tensor) -> Tensor:
     return sigma.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-def denoised_from_output(prediction: Prediction, output: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
-    """x₀ from a model output at the k-diffusion point (x, σ); the model saw x_t = x/√(σ²+1)."""
+def denoised_from_output(prediction: Prediction, output: Tensor, x: Tensor, sigma: Tensor,
+                         model_sigma: Tensor | None = None) -> Tensor:
+    """x₀ from a model output at the k-diffusion point (x, σ); the model saw x_t = x/√(σ²+1).
+
+    `model_sigma` is the noise level the model's own schedule assigns to the point, when it differs from σ: a
+    model asked beyond its schedule's range (an ε model at a zero-terminal-SNR σ of 4500, say) sees the timestep
+    of its own end of range, so its output is read with that end's ᾱ, ``x₀ = (x_t − √(1−ᾱ_m)·ε)/√ᾱ_m``, which
+    stays bounded where ``x − σ·ε`` would multiply the ε error by σ. Rows where it equals σ (to 1e-5) take the
+    plain formulas.
+    """
     sigma = _column(sigma, x)
+    if prediction is Prediction.X0:
+        return output
+    c_in = (sigma**2 + 1) ** -0.5
+    exact = x - sigma * output if prediction is Prediction.EPS else x * c_in**2 - output * sigma * c_in
+    if model_sigma is None:
+        return exact
+    model_sigma = _column(model_sigma, x)
+    # A sampler's first σ can exceed the schedule's own σ_max by a rounding error; that is no change of level.
+    changed = (model_sigma - sigma).abs() > _SAME_SIGMA_RTOL * sigma
+    root_alpha = (model_sigma**2 + 1) ** -0.5  # √ᾱ_m
+    root_one_minus = model_sigma * root_alpha  # √(1−ᾱ_m)
+    x_t = x * c_in
     if prediction is Prediction.EPS:
-        return x - sigma * output
-    if prediction is Prediction.V:
-        c_in = (sigma**2 + 1) ** -0.5
-        return x * c_in**2 - output * sigma * c_in
-    return output
+        clamped = (x_t - root_one_minus * output) / root_alpha
+    else:
+        clamped = root_alpha * x_t - root_one_minus * output
+    return torch.where(changed, clamped, exact)
 
 
 def output_from_denoised(prediction: Prediction, denoised: Tensor, x: Tensor, sigma: Tensor) -> Tensor:

@@ -127,3 +127,18 @@ def test_gcfg_combines_an_eps_prior_and_a_v_ztsnr_main_in_x0():
     x = x0_main + sigma * torch.randn(1, 4, 6, 6, generator=g)
     result = GCFGDenoiser(denoisers, plan, conds, sigmas)(x, sigma)
     assert torch.allclose(result, x0_prior + 6.0 * (x0_main - x0_prior), atol=2e-3)
+
+
+def test_a_sigma_beyond_a_models_schedule_is_read_at_the_schedules_end():
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(2, 4, 6, 6, generator=g)
+    base = sd1_alphas_cumprod()
+    sigma_max = float(((1 - base[-1]) / base[-1]).sqrt())
+    sigma = torch.tensor([4518.8, 1000.0])  # zero-terminal-SNR noise levels, far above the ε model's σ_max ≈ 14.6
+    x = x0 + sigma.view(-1, 1, 1, 1) * torch.randn(2, 4, 6, 6, generator=g)
+    for prediction in (P.EPS, P.V):
+        unet = AnalyticUNet(x0, prediction, base)  # answers for its own t = 999, i.e. σ_max
+        assert torch.allclose(UNetDenoiser(unet, base, prediction)(x, sigma), x0, atol=1e-3)
+    eps = AnalyticUNet(x0, P.EPS, base)(x / (sigma.view(-1, 1, 1, 1) ** 2 + 1).sqrt(), torch.full((2,), 999.0))
+    naive = x - sigma.view(-1, 1, 1, 1) * eps  # x − σ·ε with the sampler's σ: the ε error times 4500
+    assert (naive - x0).abs().max() > 10 * sigma_max
