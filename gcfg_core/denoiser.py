@@ -110,6 +110,7 @@ class GCFGDenoiser:
         conds: encoded prompts, ``[T, C]`` (every image), ``[1, T, C]`` or ``[B, T, C]`` (one per image), looked up
             by ``(model, prompt)`` first and then by ``prompt``, so that models with different text encoders can
             each have their own encoding. A None prompt is called with ``context=None`` (text-free concept UNet).
+            SDXL models take `SDXLConditioning` (context and vector, each with 1 or B rows) instead of a tensor.
         sigmas: the sampler's schedule (descending, last 0); the step index of each call is read from it
             (`step_index`) and `steps` is ``len(sigmas) − 1``.
 

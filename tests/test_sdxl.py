@@ -205,6 +205,11 @@ def test_mixing_sd1_and_sdxl_models_is_refused_either_way(tiny_model, tiny_sdxl)
         assert prior.name in message and main.name in message and "SD 1.x" in message and "SDXL" in message
 
 
+def test_an_sd1_concept_unet_is_refused_on_sdxl(tiny_model, tiny_sdxl):
+    with pytest.raises(ValueError, match="concept models are SD 1.x UNets.*SDXL"):
+        generate(small_request(), prior=tiny_sdxl, concept_unet=tiny_model.unet, progress=False)
+
+
 def test_cli_names_both_files_and_families_on_a_mismatch(tiny_checkpoint, tiny_sdxl_checkpoint, tmp_path, capsys):
     for prior, model in ((tiny_checkpoint, tiny_sdxl_checkpoint), (tiny_sdxl_checkpoint, tiny_checkpoint)):
         code = cli_main(["sample", "--prior", str(prior), "--model", str(model), "--out", str(tmp_path)])
@@ -222,6 +227,14 @@ def test_cli_names_both_files_and_families_on_a_mismatch(tiny_checkpoint, tiny_s
 def test_cli_refuses_bad_model_arguments(tiny_sdxl_checkpoint, tmp_path, capsys, extra, message):
     assert cli_main(["sample", "--prior", str(tiny_sdxl_checkpoint), *extra, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_a_concept_model_on_sdxl(tiny_sdxl_checkpoint, tiny_checkpoint, tmp_path, capsys):
+    args = ["sample", "--prior", str(tiny_sdxl_checkpoint), "--concept", str(tiny_checkpoint), "--out", str(tmp_path)]
+    assert cli_main(args) == 2
+    error = capsys.readouterr().err
+    assert f"--concept {tiny_checkpoint}: concept models are SD 1.x UNets" in error
+    assert str(tiny_sdxl_checkpoint) in error
 
 
 def test_cli_size_flags_need_an_sdxl_model(tiny_checkpoint, tmp_path, capsys):
