@@ -6,17 +6,17 @@ Both follow the k-diffusion model contract ``model(x, sigma, **extra) -> denoise
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-import torch
 from torch import Tensor, nn
 
 from gcfg_core.coefficients import step_coefficients
+from gcfg_core.conditioning import SDXLConditioning, condition_tokens, stack_conditions
 from gcfg_core.guidance import combine_sources
 from gcfg_core.kdiff import k_diffusion_modules
+from gcfg_core.parameterization import Prediction, denoised_from_output
 from gcfg_core.plan import GuidancePlan, SourceKey
 
 logger = logging.getLogger("gcfg.denoiser")
@@ -25,25 +25,22 @@ logger = logging.getLogger("gcfg.denoiser")
 _SIGMA_RTOL = 1e-5
 
 
-class Prediction(str, enum.Enum):
-    """What a UNet predicts (the names are diffusers' `prediction_type` values)."""
-
-    EPS = "epsilon"
-    X0 = "sample"
-    V = "v_prediction"
-
-
 class Denoiser(Protocol):
-    """A k-diffusion denoiser that takes the cross-attention context as `context` (None: a text-free model)."""
+    """A k-diffusion denoiser taking its model's condition as `context`: a cross-attention context tensor (SD 1.x),
+    an `SDXLConditioning` (SDXL) or None (a text-free model)."""
 
-    def __call__(self, x: Tensor, sigma: Tensor, *, context: Tensor | None = None) -> Tensor: ...
+    def __call__(self, x: Tensor, sigma: Tensor, *, context: Tensor | SDXLConditioning | None = None) -> Tensor: ...
 
 
 class UNetDenoiser(nn.Module):
-    """k-diffusion wrapper of an ldm UNet ``unet(x_t, t, context=...)`` on the DDPM schedule ``alphas_cumprod``.
+    """k-diffusion wrapper of a UNet ``unet(x_t, t, context=...[, y=...])`` on its own DDPM schedule ``alphas_cumprod``.
 
-    EPS is k-diffusion's `CompVisDenoiser`, V its `CompVisVDenoiser` (same scalings, no `apply_model` needed);
-    X0 returns the UNet output as is. The UNet sees ``x·c_in`` (= x_t) and the fractional timestep of σ.
+    The output is converted to x₀ with the UNet's own `prediction` (`gcfg_core.parameterization`): EPS is
+    k-diffusion's `CompVisDenoiser`, V its `CompVisVDenoiser` (same scalings, no `apply_model` needed); X0 returns
+    the UNet output as is. The UNet sees ``x·c_in`` (= x_t) and the fractional timestep of σ on *its* schedule, so
+    models on different schedules (zero terminal SNR or not) can serve one sampler; a σ outside the schedule's range
+    is read at the range's end (`gcfg_core.parameterization.denoised_from_output`). An `SDXLConditioning` context
+    is passed as ``context=crossattn, y=vector``.
     """
 
     def __init__(self, unet: nn.Module, alphas_cumprod: Tensor, prediction: Prediction = Prediction.EPS,
@@ -67,18 +64,19 @@ class UNetDenoiser(nn.Module):
         """The schedule's own `steps` sigmas, evenly spaced in t, plus a final 0 (the WebUI's "Uniform")."""
         return self.schedule.get_sigmas(steps)
 
-    def forward(self, x: Tensor, sigma: Tensor, *, context: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, *, context: Tensor | SDXLConditioning | None = None) -> Tensor:
         sigma = sigma.to(self.schedule.sigmas.device)
         view = (-1,) + (1,) * (x.dim() - 1)
         sigma_x = sigma.to(x.dtype).reshape(view)
         c_in = (sigma_x**2 + 1) ** -0.5
         t = self.schedule.sigma_to_t(sigma).to(x.device)
-        output = self.unet(x * c_in, t, context=context).to(x.dtype)
-        if self.prediction is Prediction.EPS:
-            return x - sigma_x * output
-        if self.prediction is Prediction.V:
-            return x * c_in**2 - output * sigma_x * c_in
-        return output
+        if isinstance(context, SDXLConditioning):
+            output = self.unet(x * c_in, t, context=context.crossattn, y=context.vector)
+        else:
+            output = self.unet(x * c_in, t, context=context)
+        # The σ this model's own schedule can represent: beyond its range it sees (and is read at) the end of it.
+        model_sigma = sigma.clamp(self.schedule.sigma_min, self.schedule.sigma_max).to(x.dtype).reshape(view)
+        return denoised_from_output(self.prediction, output.to(x.dtype), x, sigma_x, model_sigma)
 
 
 def step_index(sigma: float, sigmas: Tensor) -> int:
@@ -114,6 +112,7 @@ class GCFGDenoiser:
         conds: encoded prompts, ``[T, C]`` (every image), ``[1, T, C]`` or ``[B, T, C]`` (one per image), looked up
             by ``(model, prompt)`` first and then by ``prompt``, so that models with different text encoders can
             each have their own encoding. A None prompt is called with ``context=None`` (text-free concept UNet).
+            SDXL models take `SDXLConditioning` (context and vector, each with 1 or B rows) instead of a tensor.
         sigmas: the sampler's schedule (descending, last 0); the step index of each call is read from it
             (`step_index`) and `steps` is ``len(sigmas) − 1``.
 
@@ -150,11 +149,7 @@ class GCFGDenoiser:
         cache_key = (keys, batch, like.device)
         if cache_key not in self._contexts:
             parts = [_lookup_cond(self.conds, model, cond) for model, cond in keys]
-            if parts[0] is None:
-                self._contexts[cache_key] = None
-            else:
-                rows = [part.reshape(-1, *part.shape[-2:]).expand(batch, -1, -1) for part in parts]
-                self._contexts[cache_key] = torch.cat(rows).to(like.device)
+            self._contexts[cache_key] = stack_conditions(parts, batch, like.device)
         return self._contexts[cache_key]
 
     def _call_groups(self, keys: list[SourceKey]) -> list[tuple[object, tuple]]:
@@ -162,8 +157,7 @@ class GCFGDenoiser:
         groups: dict[tuple[int, int | None], tuple[object, list]] = {}
         for model, cond in keys:
             denoiser = self.models[model]
-            context = _lookup_cond(self.conds, model, cond)
-            length = None if context is None else int(context.shape[-2])
+            length = condition_tokens(_lookup_cond(self.conds, model, cond))
             groups.setdefault((id(denoiser), length), (denoiser, []))[1].append((model, cond))
         return [(denoiser, tuple(group)) for denoiser, group in groups.values()]
 

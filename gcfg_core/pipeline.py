@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from gcfg_core.checkpoint import ModelFamily, short_hash
-from gcfg_core.denoiser import GCFGDenoiser, Prediction, UNetDenoiser
+from gcfg_core.checkpoint import ModelFamily, base_family, short_hash
+from gcfg_core.conditioning import SizeConditioning
+from gcfg_core.denoiser import GCFGDenoiser, UNetDenoiser
 from gcfg_core.models import SDModel
 from gcfg_core.params import GCFGSettings
 from gcfg_core.plan import GuidancePlan, classic_plan, standard_plan
@@ -48,6 +49,8 @@ class GenerationRequest:
     batch_size: int = 1
     clip_skip: int = 1
     gcfg: GCFGSettings = field(default_factory=lambda: GCFGSettings(enabled=True))
+    # SDXL only: original size, crop and target size of every image; None = width×height, crop (0, 0).
+    sdxl_size: SizeConditioning | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
@@ -62,6 +65,8 @@ class GenerationRequest:
             raise ValueError(f"seed must be -1 (random) or an integer from 0 to {MAX_SEED}, got {self.seed!r}")
         if not isinstance(self.gcfg, GCFGSettings):
             raise ValueError(f"gcfg must be GCFGSettings, got {type(self.gcfg).__name__}")
+        if self.sdxl_size is not None and not isinstance(self.sdxl_size, SizeConditioning):
+            raise ValueError(f"sdxl_size must be SizeConditioning, got {type(self.sdxl_size).__name__}")
         resolve_sampler(self.sampler, self.scheduler)
 
 
@@ -100,22 +105,34 @@ def _check_plan(plan: GuidancePlan, available: Mapping[str, object]) -> None:
                              "is text-free: leave its prompt empty")
 
 
-def _encode_conds(plan: GuidancePlan, text_models: Mapping[str, SDModel], clip_skip: int) -> dict:
-    conds: dict[tuple[str, str], Tensor] = {}
-    encoded: dict[tuple[int, str], Tensor] = {}
+def _encode_conds(plan: GuidancePlan, text_models: Mapping[str, SDModel], clip_skip: int,
+                  sizes: SizeConditioning) -> dict:
+    """Each (model, prompt) of the plan encoded by that model's own text encoder(s).
+
+    E₀ and the negative prompt are encoded as the host encodes a negative prompt (for SDXL an empty one is zeros);
+    a term with the same (model, prompt) is the same prediction and shares that encoding.
+    """
+    negatives = {plan.uncond_key, plan.negative_key}
+    conds: dict[tuple[str, str], object] = {}
+    encoded: dict[tuple[int, str, bool], object] = {}
     for model_name, cond in plan.keys():
         if cond is None:
             continue
         model = text_models[model_name]
-        cache_key = (id(model), cond)
+        negative = (model_name, cond) in negatives
+        cache_key = (id(model), cond, negative)
         if cache_key not in encoded:
-            encoded[cache_key] = model.encode_prompts([cond], clip_skip=clip_skip)
+            encoded[cache_key] = model.encode_condition(cond, clip_skip=clip_skip, negative=negative, sizes=sizes)
         conds[(model_name, cond)] = encoded[cache_key]
     return conds
 
 
-def _prediction(model: SDModel) -> Prediction:
-    return Prediction.V if model.family is ModelFamily.SD2_V else Prediction.EPS
+def _check_families(main: SDModel, others: Mapping[str, SDModel]) -> None:
+    for role, model in others.items():
+        if model is not main and base_family(model.family) is not base_family(main.family):
+            raise ValueError(f"the {role} model {model.name!r} is {model.family.label} ({model.family.value}), but the "
+                             f"main model {main.name!r} is {main.family.label} ({main.family.value}): every model of a "
+                             "GCFG run must be of the main model's family")
 
 
 def _to_pil(images: Tensor) -> list[Image.Image]:
@@ -151,14 +168,21 @@ def generate(
     prior: SDModel,
     main: SDModel | None = None,
     concept_unet: nn.Module | None = None,
+    extra_models: Mapping[str, SDModel] | None = None,
     progress: bool = True,
 ) -> GenerationResult:
     """Sample `request.batch_size` images with GCFG: uncond from `prior`, prompts on `main` (default: `prior`).
 
-    `concept_unet` is a text-free (null-text) UNet on the SD 1 schedule; its term has weight
-    ``request.gcfg.concept_weight``. Images are decoded with the main model's VAE (the prior's if it has none).
+    Models are `SDModel`s (SD 1.x) or `SDXLModel`s, all of the main model's family; each is run with its own
+    parameterisation and schedule, and the sampler follows the main model's schedule. `extra_models` maps the
+    checkpoint names that terms use (``+2 @name prompt``) to models. `concept_unet` is a text-free (null-text)
+    SD 1.x UNet on the SD 1 schedule; its term has weight ``request.gcfg.concept_weight``. For SDXL, every image
+    is conditioned on `request.sdxl_size` (default: its own width and height, crop (0, 0)). Images are decoded
+    with the main model's VAE (the prior's if it has none).
     """
     main = prior if main is None else main
+    extra_models = dict(extra_models or {})
+    _check_families(main, {ModelSlot.PRIOR.value: prior, **extra_models})
     multiple = size_multiple(main)
     for name in ("width", "height"):
         if getattr(request, name) % multiple:
@@ -166,24 +190,28 @@ def generate(
                              f"(VAE ×{main.architecture.vae.downsample} and UNet downsampling)")
     spec, scheduler = resolve_sampler(request.sampler, request.scheduler)
     plan = build_plan(request, has_concept=concept_unet is not None)
-    text_models = {ModelSlot.PRIOR.value: prior, ModelSlot.MAIN.value: main}
+    text_models = {**extra_models, ModelSlot.PRIOR.value: prior, ModelSlot.MAIN.value: main}
     available: dict[str, object] = dict(text_models)
     if concept_unet is not None:
+        if base_family(main.family) is not ModelFamily.SD1:
+            raise ValueError(f"concept models are SD 1.x UNets; the main model {main.name!r} is {main.family.label}")
         available[ModelSlot.CONCEPT.value] = concept_unet
     _check_plan(plan, available)
     if main.vae is None and prior.vae is None:
         raise ValueError(f"neither {main.name!r} nor {prior.name!r} has a VAE to decode the images")
 
-    prior_denoiser = UNetDenoiser(prior.unet, prior.alphas_cumprod, _prediction(prior))
-    denoisers: dict[str, UNetDenoiser] = {ModelSlot.PRIOR.value: prior_denoiser}
-    denoisers[ModelSlot.MAIN.value] = (
-        prior_denoiser if main is prior else UNetDenoiser(main.unet, main.alphas_cumprod, _prediction(main))
-    )
+    denoisers: dict[str, UNetDenoiser] = {}
+    by_model: dict[int, UNetDenoiser] = {}
+    for slot, slot_model in text_models.items():
+        if id(slot_model) not in by_model:
+            by_model[id(slot_model)] = UNetDenoiser(slot_model.unet, slot_model.alphas_cumprod, slot_model.prediction)
+        denoisers[slot] = by_model[id(slot_model)]
     if concept_unet is not None:
         denoisers[ModelSlot.CONCEPT.value] = UNetDenoiser(concept_unet, prior.alphas_cumprod)
 
-    conds = _encode_conds(plan, text_models, request.clip_skip)
-    sigmas = schedule_sigmas(spec, scheduler, request.steps, prior_denoiser)
+    sizes = request.sdxl_size or SizeConditioning.for_image(request.width, request.height)
+    conds = _encode_conds(plan, text_models, request.clip_skip, sizes)
+    sigmas = schedule_sigmas(spec, scheduler, request.steps, denoisers[ModelSlot.MAIN.value])
     model = GCFGDenoiser(denoisers, plan, conds, sigmas)
 
     seed = resolve_seed(request.seed)
@@ -203,4 +231,3 @@ def generate(
         for image_seed in seeds
     ]
     return GenerationResult(images, seeds, infotexts, model.rows_per_call)
-
