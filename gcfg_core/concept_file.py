@@ -163,14 +163,13 @@ def read_concept_metadata(path: str | os.PathLike) -> ConceptMetadata:
     return ConceptMetadata.from_header(metadata, source=str(path))
 
 
-def load_concept_model(
+def read_concept_state_dict(
     path: str | os.PathLike,
     *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
     expected_family: str | None = "sd1",
-) -> tuple[torch.nn.Module, ConceptMetadata]:
-    """Load a concept-model file as a null-text ldm UNet (eval mode) with its metadata; checks tag and family."""
+) -> tuple[dict[str, torch.Tensor], ConceptMetadata]:
+    """A concept-model file's null-text UNet state dict (prefix stripped, on the CPU) and its metadata; checks the
+    format tag and the base family. Hosts that build the UNet with their own classes (Forge) start from this."""
     path = pathlib.Path(path)
     metadata = read_concept_metadata(path)
     if expected_family is not None and metadata.base_family != expected_family:
@@ -183,9 +182,21 @@ def load_concept_model(
     state_dict = {key[len(UNET_PREFIX):]: value for key, value in tensors.items() if key.startswith(UNET_PREFIX)}
     if not state_dict:
         raise ConceptFileError(f"{path}: holds no UNet tensors ({UNET_PREFIX}*)")
+    return state_dict, metadata
+
+
+def load_concept_model(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    expected_family: str | None = "sd1",
+) -> tuple[torch.nn.Module, ConceptMetadata]:
+    """Load a concept-model file as a null-text ldm UNet (eval mode) with its metadata; checks tag and family."""
+    state_dict, metadata = read_concept_state_dict(path, expected_family=expected_family)
     try:
         config = metadata.unet_config_object() or infer_unet_config(state_dict)
         unet = build_nulltext_unet(config, state_dict, device=device, dtype=dtype)
     except (TypeError, ValueError) as exc:
-        raise ConceptFileError(f"{path}: tensors do not form a null-text UNet: {exc}") from exc
+        raise ConceptFileError(f"{pathlib.Path(path)}: tensors do not form a null-text UNet: {exc}") from exc
     return unet.eval(), metadata

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from ldm.modules.diffusionmodules.util import timestep_embedding
 from torch import Tensor
 
 from gcfg_core.configs import SIZE_EMBED_DIM
@@ -57,6 +56,8 @@ class SizeConditioning:
 
 def size_embedding(sizes: Sequence[SizeConditioning], *, device=None) -> Tensor:
     """[len(sizes), 6·256] float32: each of the six numbers of each image embedded as a sinusoid, concatenated."""
+    from ldm.modules.diffusionmodules.util import timestep_embedding  # not at import: Forge has no ldm
+
     values = torch.tensor([size.values for size in sizes], dtype=torch.float32, device=device)
     rows, fields = values.shape
     return timestep_embedding(values.reshape(-1), SIZE_EMBED_DIM).reshape(rows, fields * SIZE_EMBED_DIM)

@@ -3,6 +3,9 @@
 The UNet and the VAE parts are ldm's own classes (Stability-AI/stablediffusion), so state dicts load
 with the same key names the WebUI uses; the VAE wrapper avoids `AutoencoderKL`, which needs
 pytorch_lightning. Prompt encoding follows the WebUI's 75-token chunking and clip-skip behaviour.
+
+`ldm` is imported where a network is built, not at import: Forge ships no `ldm`, and its glue reads checkpoints and
+concept files through this module without building ldm networks.
 """
 
 from __future__ import annotations
@@ -14,12 +17,10 @@ import os
 import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
-from ldm.modules.diffusionmodules.model import Decoder, Encoder
-from ldm.modules.diffusionmodules.openaimodel import UNetModel
-from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from safetensors.torch import save_file
 from torch import nn
 
@@ -50,6 +51,10 @@ from gcfg_core.configs import (
 from gcfg_core.fileio import atomic_path
 from gcfg_core.parameterization import Prediction
 from gcfg_core.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, MODEL_MAX_LENGTH, clip_tokenizer
+
+if TYPE_CHECKING:
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
 logger = logging.getLogger("gcfg.models")
 
@@ -131,6 +136,8 @@ def load_state_dict_assigned(module: nn.Module, state_dict: Mapping[str, torch.T
 
 def instantiate_unet(config: UNetConfig, *, meta: bool) -> UNetModel:
     """An ldm `UNetModel` for `config`; on the meta device (no memory, no init) when `meta`."""
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
     if meta:
         with torch.device("meta"):
             return UNetModel(**config.ldm_kwargs())
@@ -157,6 +164,8 @@ class VAE(nn.Module):
 
     def __init__(self, config: VAEConfig):
         super().__init__()
+        from ldm.modules.diffusionmodules.model import Decoder, Encoder
+
         ddconfig = config.ddconfig()
         self.config = config
         self.encoder = Encoder(**ddconfig)
@@ -166,6 +175,8 @@ class VAE(nn.Module):
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussianDistribution:
         """Posterior over latents for images in [-1, 1] (unscaled latents)."""
+        from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(images)))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

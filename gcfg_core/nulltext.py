@@ -13,7 +13,6 @@ import logging
 from collections.abc import Mapping
 
 import torch
-from ldm.modules.attention import BasicTransformerBlock
 from torch import nn
 
 from gcfg_core.configs import UNetConfig, sd1_alphas_cumprod
@@ -31,13 +30,20 @@ class NullTextCrossAttention(nn.Module):
         super().__init__()
         self.register_buffer("vector", vector.detach().clone().reshape(1, 1, -1))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask=None, **host_kwargs) -> torch.Tensor:
+        # `host_kwargs`: what a host's own transformer block passes its cross-attention (Forge: value=,
+        # transformer_options=); the constant ignores them like the context.
         return self.vector.to(dtype=x.dtype).expand(x.shape[0], x.shape[1], -1)
 
 
-def transformer_block_names(unet: nn.Module) -> list[str]:
-    """Module paths of the UNet's ldm `BasicTransformerBlock`s, e.g. "input_blocks.1.1.transformer_blocks.0"."""
-    return [name for name, module in unet.named_modules() if isinstance(module, BasicTransformerBlock)]
+def transformer_block_names(unet: nn.Module, block_type: type | None = None) -> list[str]:
+    """Module paths of the UNet's transformer blocks, e.g. "input_blocks.1.1.transformer_blocks.0".
+
+    `block_type` is the block class (default ldm's `BasicTransformerBlock`); a host with its own UNet class of the
+    same layout (Forge's `backend.nn.unet`) passes its own, since it has no `ldm`."""
+    if block_type is None:
+        from ldm.modules.attention import BasicTransformerBlock as block_type
+    return [name for name, module in unet.named_modules() if isinstance(module, block_type)]
 
 
 def is_nulltext(unet: nn.Module) -> bool:
@@ -116,11 +122,13 @@ def calibrate_nulltext(
     return {name: (sums[name] / tokens[name]).float().reshape(1, 1, -1) for name in names}
 
 
-def convert_to_nulltext(unet: nn.Module, vectors: Mapping[str, torch.Tensor]) -> nn.Module:
-    """In place: each block's `attn2` → `NullTextCrossAttention(vectors[name])`, `norm2` → identity; returns unet."""
+def convert_to_nulltext(unet: nn.Module, vectors: Mapping[str, torch.Tensor],
+                        block_type: type | None = None) -> nn.Module:
+    """In place: each block's `attn2` → `NullTextCrossAttention(vectors[name])`, `norm2` → identity; returns unet.
+    `block_type` as in `transformer_block_names`."""
     if is_nulltext(unet):
         raise ValueError("this UNet is already in null-text mode")
-    names = transformer_block_names(unet)
+    names = transformer_block_names(unet, block_type)
     missing, extra = sorted(set(names) - set(vectors)), sorted(set(vectors) - set(names))
     if missing or extra:
         raise ValueError(f"null-text vectors do not match the UNet's transformer blocks: missing {missing or 'none'}; "

@@ -20,13 +20,11 @@ per-block list).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 
 import torch
-from ldm.modules.attention import SpatialTransformer
-from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, TimestepEmbedSequential, Upsample
-from ldm.modules.diffusionmodules.util import conv_nd, normalization, timestep_embedding, zero_module
 from torch import Tensor, nn
 
 from gcfg_core.configs import SDXL, SDXL_TINY, SDXLUNetConfig
@@ -34,19 +32,29 @@ from gcfg_core.configs import SDXL, SDXL_TINY, SDXLUNetConfig
 logger = logging.getLogger("gcfg.sdxl_unet")
 
 
-class SharedContextTransformer(SpatialTransformer):
-    """ldm's `SpatialTransformer` (same parameters and keys) feeding one context to each of its blocks, as sgm does."""
+@functools.cache
+def shared_context_transformer() -> type:
+    """ldm's `SpatialTransformer` (same parameters and keys) feeding one context to each of its blocks, as sgm does.
 
-    def forward(self, x: Tensor, context: Tensor | list | None = None) -> Tensor:
-        if not isinstance(context, list):
-            context = [context] * len(self.transformer_blocks)
-        return super().forward(x, context)
+    Built on first use: `ldm` is imported where a network is built, not at import (Forge ships no `ldm`)."""
+    from ldm.modules.attention import SpatialTransformer
+
+    class SharedContextTransformer(SpatialTransformer):
+        def forward(self, x: Tensor, context: Tensor | list | None = None) -> Tensor:
+            if not isinstance(context, list):
+                context = [context] * len(self.transformer_blocks)
+            return super().forward(x, context)
+
+    return SharedContextTransformer
 
 
 class SDXLUNet(nn.Module):
     """SDXL's UNet: ``unet(x_t, timesteps, context=[B, T, 2048], y=[B, 2816]) -> ε or v`` (see the module doc)."""
 
     def __init__(self, config: SDXLUNetConfig) -> None:
+        from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, TimestepEmbedSequential, Upsample
+        from ldm.modules.diffusionmodules.util import conv_nd, normalization, zero_module
+
         super().__init__()
         self.config = config
         self.model_channels = base = config.model_channels
@@ -55,12 +63,12 @@ class SDXLUNet(nn.Module):
         self.label_emb = nn.Sequential(
             nn.Sequential(nn.Linear(config.adm_in_channels, embed), nn.SiLU(), nn.Linear(embed, embed)))
 
-        def resblock(channels: int, out_channels: int) -> ResBlock:
+        def resblock(channels: int, out_channels: int) -> nn.Module:
             return ResBlock(channels, embed, 0.0, out_channels=out_channels, dims=2, use_checkpoint=False)
 
-        def transformer(channels: int, depth: int) -> SharedContextTransformer:
+        def transformer(channels: int, depth: int) -> nn.Module:
             head = config.num_head_channels
-            return SharedContextTransformer(channels, channels // head, head, depth=depth,
+            return shared_context_transformer()(channels, channels // head, head, depth=depth,
                                             context_dim=[config.context_dim] * depth, use_linear=True,
                                             use_checkpoint=False)
 
@@ -98,6 +106,8 @@ class SDXLUNet(nn.Module):
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor | None = None, y: Tensor | None = None,
                 **kwargs) -> Tensor:
+        from ldm.modules.diffusionmodules.util import timestep_embedding
+
         if y is None:
             raise ValueError("the SDXL UNet needs its vector conditioning y (pooled text embedding and size "
                              f"embeddings, {self.config.adm_in_channels} values per image)")

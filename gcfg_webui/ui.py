@@ -117,8 +117,8 @@ def build(tabname: str, elem_id, prompt_component=None, cfg_component=None, nega
     default_prior = shared.opts.data.get("gcfg_default_prior", NONE_CHOICE)
     components: dict[str, object] = {}
     enabled_param = PARAMS[0]
-    with InputAccordion(False, label=enabled_param.label, elem_id=elem_id(enabled_param.name),
-                        tooltip=enabled_param.help) as enabled:
+    # No tooltip on the accordion: gradio 4 (Forge) refuses one on containers, and its checkbox is hidden anyway.
+    with InputAccordion(False, label=enabled_param.label, elem_id=elem_id(enabled_param.name)) as enabled:
         components[enabled_param.name] = enabled
         if host is not None and not host.supported:
             gr.Markdown(f"⚠ GCFG cannot guide on {host.name}: {host.reason}. Requests with GCFG enabled are "
