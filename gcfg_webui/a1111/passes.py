@@ -20,8 +20,8 @@ from dataclasses import dataclass, field, replace
 from torch import Tensor
 
 from gcfg_core.coefficients import GuidanceWeights, StepCoefficients, step_coefficients
-from gcfg_core.denoiser import step_index
 from gcfg_webui.a1111.rows import Condition, ModelRunner, RowSource, RowStats, TermKey, unique_keys
+from gcfg_webui.sampling_pass import Schedule
 from gcfg_webui.uncond_slot import ImageNeeds, image_needs
 
 logger = logging.getLogger("gcfg.a1111.passes")
@@ -68,12 +68,6 @@ class CallState:
     routed: Routed | None = None
 
 
-@dataclass
-class _Schedule:
-    points: list[float]  # descending σ (or timesteps) of the whole schedule, as the sampler computed it
-    start: int | None = None  # index of the first point this pass runs (img2img and hires start later)
-
-
 class CurrentModel:
     """The WebUI's current model through the original forward of the sampler's inner-model wrapper (a refiner
     switch replaces the wrapper); `runner` is the one runner every current-model row of a pass goes through, so
@@ -96,7 +90,7 @@ class PassController:
     stats: RowStats = field(default_factory=RowStats)
     call: CallState | None = None
     foreign_combine: bool = False  # another extension's combine_denoised wrapper runs under GCFG's
-    _schedule: _Schedule | None = None
+    _schedule: Schedule | None = None
     _inner: object = None  # the inner-model wrapper whose forward GCFG wrapped
     _switched: bool = False  # the inner model was replaced (refiner); handled at the next sampling-path hook
 
@@ -112,23 +106,16 @@ class PassController:
     # --- schedule and steps -------------------------------------------------------------------------------------
 
     def set_schedule(self, values: Tensor, descending: bool) -> None:
-        points = [float(v) for v in values.flatten().tolist()]
-        self._schedule = _Schedule(points if descending else points[::-1])
+        self._schedule = Schedule.captured(values, descending)
 
     def step_of(self, sigma: Tensor) -> tuple[int, int]:
         """(GCFG step, steps) of a call at `sigma`; the denoiser's call count when no schedule was captured."""
-        value = float(sigma.reshape(-1)[0])
-        schedule = self._schedule
-        if schedule is None or len(schedule.points) < 2:
+        found = None if self._schedule is None else self._schedule.step_of(float(sigma.reshape(-1)[0]))
+        if found is None:
             self.stats.step_source = "calls"
             steps = max(int(self.denoiser.total_steps or 1), 1)
             return min(max(int(self.denoiser.step), 0), steps - 1), steps
-        if schedule.start is None:
-            schedule.start = step_index(value, _as_tensor(schedule.points))
-        tail = schedule.points[schedule.start:]
-        if len(tail) < 2:
-            return 0, 1
-        return step_index(value, _as_tensor(tail)), len(tail) - 1
+        return found
 
     # --- coefficients -------------------------------------------------------------------------------------------
 
@@ -187,9 +174,3 @@ class PassController:
     def end_call(self) -> CallState | None:
         call, self.call = self.call, None
         return call
-
-
-def _as_tensor(points: list[float]):
-    import torch
-
-    return torch.tensor(points, dtype=torch.float64)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+# Shared with the other host adapters; kept importable from here for this adapter's modules.
+from gcfg_webui.sampling_pass import RowStats, TermKey, unique_keys  # noqa: F401
+
 Condition = dict
-TermKey = tuple[str, str | None]
 
 
 class SamplerSpace(enum.Enum):
@@ -54,38 +56,6 @@ class Block:
     x: Tensor
     sigma: Tensor
     condition: Condition
-
-
-@dataclass
-class RowStats:
-    """UNet rows and calls per denoiser call, by model: the WebUI's own rows and the ones GCFG adds."""
-
-    calls: int = 0
-    webui_rows: int = 0
-    extra_rows: dict[str, int] = field(default_factory=dict)
-    model_calls: dict[str, int] = field(default_factory=dict)
-    skipped_calls: int = 0
-    routed_calls: int = 0
-    path: str = "overwrite"  # "routed" when the fast path may run; "overwrite" when routing is off
-    step_source: str = "schedule"  # "schedule" (σ or timestep position) or "calls" (denoiser call count)
-    steps_seen: list[int] = field(default_factory=list)  # the GCFG step index of each denoiser call
-
-    def add(self, model: str, rows: int) -> None:
-        self.extra_rows[model] = self.extra_rows.get(model, 0) + rows
-
-    def add_call(self, model: str) -> None:
-        self.model_calls[model] = self.model_calls.get(model, 0) + 1
-
-    def per_call(self) -> dict[str, float]:
-        calls = max(self.calls, 1)
-        summary = {"webui": self.webui_rows / calls}
-        summary.update({name: rows / calls for name, rows in sorted(self.extra_rows.items())})
-        return summary
-
-    def calls_per_call(self) -> dict[str, float]:
-        """UNet calls per denoiser call by model (the main model's count includes the WebUI's own calls)."""
-        calls = max(self.calls, 1)
-        return {name: count / calls for name, count in sorted(self.model_calls.items())}
 
 
 def condition_dict(cond, image_cond: Tensor | None) -> Condition:
@@ -198,8 +168,3 @@ def mark_like_webui_uncond(condition: Condition, text_uncond) -> Condition:
         return condition
     mark = text_uncond[:1, :1].to(cond).expand(cond.shape[0], 1, cond.shape[2])
     return {**condition, "c_crossattn": [torch.cat([mark, cond], dim=1)]}
-
-
-def unique_keys(terms) -> list[TermKey]:
-    """The distinct (model, prompt) pairs that the terms need evaluators for, in first-use order."""
-    return list(dict.fromkeys(term.key for term in terms))
