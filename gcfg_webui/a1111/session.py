@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 from modules import (
     prompt_parser,
-    sd_samplers,
     sd_samplers_kdiffusion,
     sd_samplers_lcm,
     sd_samplers_timesteps,
@@ -28,6 +27,8 @@ from gcfg_webui.a1111.passes import CurrentModel, PassController, PassPlan
 from gcfg_webui.a1111.rows import ModelRunner, RowSource, SamplerSpace, condition_dict, unique_keys
 from gcfg_webui.errors import GCFGRequestError
 from gcfg_webui.generation import Generation
+from gcfg_webui.pass_prompts import main_conds as _main_conds
+from gcfg_webui.pass_prompts import pass_negative_prompts as _pass_negative_prompts
 
 logger = logging.getLogger("gcfg.a1111.session")
 
@@ -121,30 +122,6 @@ def _main_source(model_name: str, runner: ModelRunner, conds) -> RowSource:
         return condition_dict(cond, image_cond)
 
     return RowSource(model_name, runner, condition)
-
-
-def _main_conds(p, generation: Generation, prompt: str):
-    """The current model's schedules for `prompt`, one per image, encoded as the WebUI encodes the pass's prompts."""
-    if getattr(p, "is_hr_pass", False):
-        config = sd_samplers.find_sampler_config(p.hr_sampler_name or p.sampler_name)
-        steps = p.hr_second_pass_steps or p.steps
-        hires_steps = config.total_steps(steps) if config else steps
-        texts = prompt_parser.SdConditioning([prompt] * p.batch_size, width=p.hr_upscale_to_x,
-                                             height=p.hr_upscale_to_y)
-        network_data = p.hr_extra_network_data
-    else:
-        texts = prompt_parser.SdConditioning([prompt] * p.batch_size, width=p.width, height=p.height)
-        hires_steps, network_data = None, p.extra_network_data
-    checkpoint = getattr(shared.sd_model, "sd_checkpoint_info", None)
-    cache = generation.cond_caches.setdefault((prompt, hires_steps, getattr(checkpoint, "filename", None)),
-                                              [None, None])
-    return p.get_conds_with_caching(prompt_parser.get_learned_conditioning, texts, p.firstpass_steps, [cache],
-                                    network_data, hires_steps)
-
-
-def _pass_negative_prompts(p) -> list[str]:
-    prompts = p.hr_negative_prompts if getattr(p, "is_hr_pass", False) else p.negative_prompts
-    return list(prompts)
 
 
 def unet_forward_patched() -> bool:
