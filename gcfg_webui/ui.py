@@ -25,8 +25,8 @@ SYNTAX_HELP = (
     "`main` (default), `prior`, `concept` or a checkpoint name; optional step window as fractions (`{0-0.5}`). "
     "Example: `+4 in Van Gogh style`, `-2 @prior {0-0.5} blurry`. `#` starts a comment line."
 )
-# The samplers whose CFG the host rescales (DDIM CFG++ divides the CFG scale by 12.5); every GCFG weight is
-# rescaled the same way, which the weights line shows.
+# The samplers whose CFG AUTOMATIC1111 rescales (DDIM CFG++ divides the CFG scale by 12.5); every GCFG weight is
+# rescaled the same way, which the weights line shows. Each host gives its own (`Host.cfg_multipliers`).
 CFG_MULTIPLIERS = {"DDIM CFG++": 1 / 12.5}
 
 
@@ -44,7 +44,7 @@ def _format(value: float) -> str:
 
 def effective_weights(negative_scale: str, cfg_scale: float | None, negative_prompt: str | None = None,
                       terms: str = "", concept: str = NONE_CHOICE, concept_weight: float | None = None,
-                      sampler: str | None = None) -> str:
+                      sampler: str | None = None, multipliers: dict | None = None) -> str:
     """Markdown: the weights the negative prompt and the unconditional term (prior) get, as the hook computes them.
 
     Extra-term step windows are ignored here (every term counted), so this is the weight while all are active.
@@ -62,7 +62,7 @@ def effective_weights(negative_scale: str, cfg_scale: float | None, negative_pro
     if concept and concept != NONE_CHOICE and concept_weight:
         extra.append(GuidanceTerm(ModelSlot.CONCEPT.value, None, float(concept_weight)))
     has_negative = negative_prompt is None or bool(negative_prompt.strip())
-    multiplier = CFG_MULTIPLIERS.get(sampler or "", 1.0)
+    multiplier = (CFG_MULTIPLIERS if multipliers is None else multipliers).get(sampler or "", 1.0)
     weights = GuidanceWeights(cfg, settings.negative_scale, tuple(extra), multiplier)
     image = step_coefficients(weights, [(1.0,)], [has_negative], 0, 1).images[0]
     note = f" ({sampler}: every weight × {_format(multiplier)})" if multiplier != 1.0 else ""
@@ -150,8 +150,13 @@ def build(tabname: str, elem_id, prompt_component=None, cfg_component=None, nega
                          components["concept"], components["concept_weight"]]
         if sampler_component is not None:
             weight_inputs.append(sampler_component)
+        multipliers = None if host is None else host.cfg_multipliers
+
+        def on_weights(*values):
+            return effective_weights(*values, multipliers=multipliers)
+
         for source in weight_inputs:
-            source.change(fn=effective_weights, inputs=weight_inputs, outputs=[weights_info], show_progress=False)
+            source.change(fn=on_weights, inputs=weight_inputs, outputs=[weights_info], show_progress=False)
     if prompt_component is not None and cfg_component is not None:
         def on_decouple(prompt, existing, cfg):
             main, added = decouple_prompt(prompt, float(cfg))

@@ -1,0 +1,130 @@
+"""Installing GCFG on one Forge pass and taking it off again.
+
+Forge's patch API works on a clone of the main UNet patcher that the pass puts back as
+`sd_model.forge_objects.unet` (Forge restores the un-patched one before every pass). On that clone GCFG sets:
+
+* a conditioning modifier (last of the list, so it sees the CFG scale and conditions Forge will use): the call's
+  coefficients; at calls Forge combines at scale 1 without the uncond (NGMS, Skip Early CFG) it drops the uncond
+  as Forge's CFG-1 shortcut does, and GCFG stays out;
+* the UNet function wrapper (Forge has one slot: a wrapper set before GCFG's is called by GCFG's, and routing is
+  then off, since that wrapper may expect Forge's own chunk layout);
+* a post-CFG function, first of the list;
+* `disable_cfg1_optimization` where E₀ or N can matter at CFG 1 (terms, a numeric negative scale);
+* the side models' patchers, for Forge's memory management (`add_extra_model_patcher_during_sampling`).
+
+It also wraps the sampler's `get_sigmas` / `get_timesteps` (instance attributes) to read the schedule. Every hook
+is a plain function (Forge deep-copies `model_options` when a later script clones the patcher) and does nothing
+once the pass's controller is detached.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from gcfg_webui.forge.combine import gcfg_post_cfg
+from gcfg_webui.forge.passes import PassController, mark_ours
+from gcfg_webui.forge.routing import gcfg_wrapper
+
+logger = logging.getLogger("gcfg.forge.install")
+
+_SCHEDULE_METHODS = (("get_sigmas", True), ("get_timesteps", False))
+_WRAPPER_FLAG = "_gcfg_wrapper"
+_SCHEDULE_ATTRIBUTE = "_gcfg_schedule_controller"
+
+
+class _Holder:
+    """The controller a pass's hooks use; detached (None) when the generation ends."""
+
+    def __init__(self, controller: PassController) -> None:
+        self.controller: PassController | None = controller
+
+
+def foreign_wrapper(unet) -> object | None:
+    """Another extension's UNet function wrapper on this patcher, if any."""
+    wrapper = unet.model_options.get("model_function_wrapper")
+    return None if wrapper is None or getattr(wrapper, "_gcfg_forge_hook", False) else wrapper
+
+
+def install(unet, controller: PassController, side_patchers) -> _Holder:
+    """Put GCFG's hooks on the UNet patcher clone `unet`; returns the holder that `remove` detaches."""
+    holder = _Holder(controller)
+    options = unet.model_options
+
+    def modifier(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
+        active = holder.controller
+        if active is not None:
+            call = active.begin_call(model, x, timestep, uncond, cond, cond_scale, model_options)
+            if call.skipped:
+                uncond = None
+        return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+    previous = options.get("model_function_wrapper")
+
+    def wrapper(apply_model, args):
+        active = holder.controller
+        if active is None:
+            return previous(apply_model, args) if previous is not None else apply_model(
+                args["input"], args["timestep"], **args["c"])
+        return gcfg_wrapper(active, previous, apply_model, args)
+
+    def post_cfg(args):
+        active = holder.controller
+        return args["denoised"] if active is None else gcfg_post_cfg(active, args)
+
+    options.setdefault("conditioning_modifiers", []).append(mark_ours(modifier))
+    options["model_function_wrapper"] = mark_ours(wrapper)
+    options["sampler_post_cfg_function"] = [mark_ours(post_cfg), *options.get("sampler_post_cfg_function", [])]
+    if controller.plan.needs_uncond_at_cfg_one:
+        options["disable_cfg1_optimization"] = True
+    for patcher in side_patchers:
+        if patcher not in unet.extra_model_patchers_during_sampling:
+            unet.add_extra_model_patcher_during_sampling(patcher)
+    return holder
+
+
+def wrap_schedule(sampler, controller: PassController) -> None:
+    """Capture the schedule the sampler computes, for GCFG's steps (idempotent per sampler)."""
+    for name, descending in _SCHEDULE_METHODS:
+        original = sampler.__dict__.get(name) or getattr(sampler, name, None)
+        if original is None or getattr(original, _WRAPPER_FLAG, False):
+            continue
+
+        def capture(*args, _original=original, _descending=descending, **kwargs):
+            values = _original(*args, **kwargs)
+            active = getattr(sampler, _SCHEDULE_ATTRIBUTE, None)
+            if active is not None:
+                active.set_schedule(values, _descending)
+            return values
+
+        wrapper = functools.wraps(original)(capture)
+        setattr(wrapper, _WRAPPER_FLAG, True)
+        wrapper.gcfg_original = original
+        setattr(sampler, name, wrapper)
+    setattr(sampler, _SCHEDULE_ATTRIBUTE, controller)
+
+
+def unwrap_schedule(sampler) -> None:
+    for name, _ in _SCHEDULE_METHODS:
+        current = sampler.__dict__.get(name)
+        if current is not None and getattr(current, _WRAPPER_FLAG, False):
+            original = current.gcfg_original
+            if getattr(original, "__self__", None) is sampler:
+                delattr(sampler, name)
+            else:
+                setattr(sampler, name, original)
+    sampler.__dict__.pop(_SCHEDULE_ATTRIBUTE, None)
+
+
+def install_failure(denoiser, error: Exception) -> None:
+    """Make the sampler's first denoiser call raise `error`: Forge swallows exceptions raised in script hooks, but
+    not in the sampling path."""
+
+    def forward(*args, **kwargs):
+        raise error
+
+    denoiser.forward = forward
+
+
+def remove_failure(denoiser) -> None:
+    denoiser.__dict__.pop("forward", None)
