@@ -12,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_WEBUI = ROOT / "tests" / "fake_webui"
+FAKE_FORGE = ROOT / "tests" / "fake_forge"
+FAKE_CLASSIC = ROOT / "tests" / "fake_forge_classic"
 
 # What a host lacks: top-level packages (and their submodules) or single modules.
 HOST_LACKS = {
@@ -59,3 +61,31 @@ def test_the_blocker_really_blocks_ldm():
     """The check above could pass vacuously if the blocked names still imported."""
     result = run_without(HOST_LACKS["Forge"], "import ldm.modules.attention\n")
     assert result.returncode != 0 and "No module named 'ldm" in result.stderr
+
+
+# Executing the scripts as the host does: the accordion's script and the training tab's.
+SCRIPTS_BODY = """
+    import importlib.util, os, tempfile
+    os.environ.setdefault("FAKE_WEBUI_MODELS", tempfile.mkdtemp())
+    loaded = {}
+    for name in ("gcfg.py", "gcfg_training.py"):
+        spec = importlib.util.spec_from_file_location(name, os.path.join("scripts", name))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        loaded[name] = module
+    host = loaded["gcfg.py"].HOST
+    print("HOST", host.name, host.supported, host.reason)
+"""
+
+
+def test_scripts_load_on_forge_without_ldm():
+    result = run_without(HOST_LACKS["Forge"], SCRIPTS_BODY, path=(FAKE_FORGE,))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "HOST Forge True" in result.stdout
+
+
+def test_scripts_load_on_forge_classic_without_lowvram_and_refuse_with_the_reason():
+    result = run_without(HOST_LACKS["Forge Classic"], SCRIPTS_BODY, path=(FAKE_CLASSIC, FAKE_WEBUI))
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("HOST"))
+    assert line.startswith("HOST Forge Classic False") and "ldm_patched" in line

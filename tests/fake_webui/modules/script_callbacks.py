@@ -73,6 +73,10 @@ def on_infotext_pasted(fn, *, name=None):
     _add("infotext_pasted", fn)
 
 
+def on_ui_tabs(fn, *, name=None):
+    _add("ui_tabs", fn)
+
+
 def on_script_unloaded(fn, *, name=None):
     _add("script_unloaded", fn)
 

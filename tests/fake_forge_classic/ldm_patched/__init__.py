@@ -1,0 +1,1 @@
+"""Marker: Forge Classic samples through `ldm_patched` (its older backend)."""

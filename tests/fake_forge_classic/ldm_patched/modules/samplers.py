@@ -1,0 +1,1 @@
+"""Marker: `ldm_patched.modules.samplers` holds Forge Classic's sampling function."""

@@ -1,0 +1,1 @@
+"""Marker: Forge Classic ships `modules_forge`."""
