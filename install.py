@@ -6,12 +6,17 @@ ships with WebUI 1.10.x (torch, safetensors, transformers, omegaconf, einops, ac
 `ldm` from `repositories/`, open-clip's CLIP vocabulary file), so normally nothing is installed and this returns
 in a few hundredths of a second. The pins are the WebUI 1.10.1 ones (`requirements_versions.txt`), so installing
 a missing package never moves one the WebUI already has.
+
+Forge (lllyasviel's, and Forge Neo) ships no `ldm`, which the trainer builds its networks with (the WebUI process
+itself never needs it there: GCFG samples with Forge's own UNet). For the trainer only, `ldm` is then installed
+into this extension's `deps/` folder (the trainer's import path has it last), never into the WebUI's venv.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 from typing import NamedTuple
 
 
@@ -33,6 +38,21 @@ REQUIRED = (
 )
 
 
+# stable-diffusion-sdkit ships Stability's `ldm` package (the same pin as the tests' requirements-nodeps.txt).
+TRAINER_LDM = Requirement("stable-diffusion-sdkit", "ldm", "--no-deps stable-diffusion-sdkit==2.1.5")
+TRAINER_DEPS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deps")
+
+
+def webui_ships_ldm(webui_root: str) -> bool:
+    """AUTOMATIC1111 and Forge Classic clone Stability's repository, with `ldm`, into repositories/."""
+    return os.path.isdir(os.path.join(webui_root, "repositories", "stable-diffusion-stability-ai", "ldm"))
+
+
+def trainer_lacks_ldm(webui_root: str) -> bool:
+    return (not webui_ships_ldm(webui_root) and importlib.util.find_spec("ldm") is None
+            and not os.path.isdir(os.path.join(TRAINER_DEPS_DIR, "ldm")))
+
+
 def is_present(requirement: Requirement) -> bool:
     try:
         importlib.metadata.distribution(requirement.distribution)
@@ -50,6 +70,12 @@ def main() -> None:
         import launch  # the WebUI's launcher module; only importable when the WebUI runs this file
 
         launch.run_pip(f"install {requirement.pip_args}", f"sd-webui-gcfg requirement: {requirement.distribution}")
+    import launch
+
+    webui_root = os.path.dirname(os.path.abspath(getattr(launch, "__file__", None) or os.path.join(os.getcwd(), "x")))
+    if trainer_lacks_ldm(webui_root):
+        launch.run_pip(f'install --target "{TRAINER_DEPS_DIR}" {TRAINER_LDM.pip_args}',
+                       "sd-webui-gcfg trainer requirement: ldm (stable-diffusion-sdkit)")
 
 
 if __name__ == "__main__":

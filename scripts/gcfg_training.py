@@ -61,8 +61,11 @@ def _make_host() -> jobs_api.TrainingHost:
     data_path = getattr(paths, "data_path", os.path.dirname(paths.models_path))
     roots = [data_path, *filter(None, os.environ.get("GCFG_DATASET_ROOTS", "").split(os.pathsep))]
     # The trainer runs on the WebUI's Python, with this extension first on the path (PyPI has another `trainer`),
-    # then everything the WebUI put there (the ldm and k-diffusion repositories).
-    python_path = (EXTENSION_ROOT, *(p for p in sys.path if p and os.path.isdir(p) and p != EXTENSION_ROOT))
+    # then everything the WebUI put there (the ldm and k-diffusion repositories), then the extension's deps/ where
+    # install.py put `ldm` on a WebUI that ships none (Forge).
+    deps = os.path.join(EXTENSION_ROOT, "deps")
+    python_path = (EXTENSION_ROOT, *(p for p in sys.path if p and os.path.isdir(p) and p != EXTENSION_ROOT),
+                   *((deps,) if os.path.isdir(deps) else ()))
     default_device = "cuda:0" if "cuda:0" in _devices() else "cpu"
     manager = JobManager(os.path.join(paths.models_path, JOBS_DIR_NAME),
                          launch=LaunchSpec(python=sys.executable, pythonpath=python_path),

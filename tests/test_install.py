@@ -42,5 +42,30 @@ def test_missing_packages_are_installed_pinned_one_by_one(install_module, fake_l
     assert fake_launch == ["install accelerate==0.21.0", "install --no-deps open-clip-torch==2.20.0"]
 
 
+def test_a_webui_without_ldm_gets_it_for_the_trainer_in_the_extensions_own_folder(install_module, fake_launch,
+                                                                                  monkeypatch, tmp_path):
+    """Forge ships no `ldm`: it is installed with --target into deps/ (never into the WebUI's venv), once."""
+    monkeypatch.setattr(install_module, "TRAINER_DEPS_DIR", str(tmp_path / "deps"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(install_module.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "ldm" else real_find_spec(name, *args))
+    monkeypatch.chdir(tmp_path)  # a WebUI root without repositories/stable-diffusion-stability-ai
+    install_module.main()
+    assert fake_launch == [f'install --target "{tmp_path / "deps"}" --no-deps stable-diffusion-sdkit==2.1.5']
+    fake_launch.clear()
+    (tmp_path / "deps" / "ldm").mkdir(parents=True)
+    install_module.main()
+    assert fake_launch == []
+
+
+def test_a_webui_with_ldm_in_its_repositories_installs_no_ldm(install_module, fake_launch, monkeypatch, tmp_path):
+    (tmp_path / "repositories" / "stable-diffusion-stability-ai" / "ldm").mkdir(parents=True)
+    monkeypatch.setattr(install_module.importlib.util, "find_spec", lambda name, *args: None)
+    monkeypatch.setattr(install_module, "is_present", lambda requirement: True)
+    monkeypatch.chdir(tmp_path)
+    install_module.main()
+    assert fake_launch == []
+
+
 def test_every_requirement_is_pinned(install_module):
     assert all("==" in requirement.pip_args for requirement in install_module.REQUIRED)
