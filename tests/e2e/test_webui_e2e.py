@@ -1,10 +1,11 @@
-"""End-to-end tests against a running real WebUI 1.10.x with this extension installed (skipped otherwise).
+"""End-to-end tests against a running real host — AUTOMATIC1111 1.10.x or lllyasviel Forge — with this extension
+installed (skipped otherwise). One suite for every host: the host is read from the checkout (`webui_host`).
 
-Start the WebUI with `--api` (on a CPU: `--use-cpu all --no-half --precision full --skip-torch-cuda-test
---server-name 127.0.0.1`), an SD 1.x main checkpoint (a reduced-width random one keeps the suite at about a
-minute), and set:
+Start the WebUI with `--api` (on a CPU: A1111 `--use-cpu all --no-half --precision full --skip-torch-cuda-test
+--server-name 127.0.0.1`, Forge `--always-cpu --skip-torch-cuda-test`), an SD 1.x main checkpoint (on A1111 a
+reduced-width random one keeps the suite at about a minute; Forge loads full-size SD 1.5 only), and set:
 
-* ``GCFG_WEBUI_DIR``: the WebUI checkout (the suite is skipped without it);
+* ``GCFG_WEBUI_DIR``: the WebUI (or Forge) checkout (the suite is skipped without it);
 * ``GCFG_WEBUI_URL``: default ``http://127.0.0.1:7860``;
 * ``GCFG_E2E_PRIOR``: a second SD 1.x checkpoint (title or name) with weights unlike the main model's, used as
   the prior; the tests that need it are skipped without it;
@@ -17,7 +18,8 @@ minute), and set:
 Identities checked on decoded pixels (the PNG bytes differ by the GCFG infotext keys): GCFG enabled with no
 prior, a classic negative scale and no terms is the disabled image and adds no UNet rows; the prior set to the
 main checkpoint itself reproduces the WebUI's own uncond (so the prior's rows are computed correctly in x₀ and ε
-space); an extra term ``+2 a dog`` equals the prompt ``a cat AND a dog :0.4`` at CFG 5.
+space); an extra term ``+2 a dog`` equals the prompt ``a cat AND a dog :0.4`` at CFG 5; a prior with a classic
+negative prompt is the disabled image. On Forge a subset runs (`left_out_on_forge`; tests/e2e/README.md).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import os
 
 import pytest
+from webui_host import A1111, FORGE, ON_FORGE, left_out_on_forge, only_on
 from webui_responses import max_difference, ok, pixels
 
 pytestmark = [pytest.mark.webui, pytest.mark.skipif(not os.environ.get("GCFG_WEBUI_DIR"),
@@ -40,6 +43,10 @@ BASE = {"prompt": "a cat", "negative_prompt": "", "steps": 3, "width": 64, "heig
         "cfg_scale": 5, "sampler_name": "Euler"}
 HIRES = {"batch_size": 2, "n_iter": 2, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent",
          "hr_second_pass_steps": 3, "denoising_strength": 0.5}
+if ON_FORGE:
+    # Forge's hires pass has its own CFG scale (1 by default over the API, which drops its negative prompts), and
+    # its API fails on hires without `hr_additional_modules` ("argument of type 'NoneType' is not iterable").
+    HIRES.update(hr_cfg=BASE["cfg_scale"], hr_additional_modules=["Use same choices"])
 # A pixel may differ by 1/255 where float rounding differs between the WebUI's UNet call and ours.
 TOLERANCE = 1
 needs_prior = pytest.mark.skipif(not PRIOR, reason="GCFG_E2E_PRIOR not set")
@@ -69,10 +76,13 @@ def concept(client):
     return name
 
 
-def generate(client, route, gcfg_args=None, **overrides):
+def generate(client, route, gcfg_args=None, alwayson_scripts_extra=None, **overrides):
     body = {**BASE, **overrides}
+    scripts = dict(alwayson_scripts_extra or {})
     if gcfg_args is not None:
-        body["alwayson_scripts"] = {"GCFG": {"args": gcfg_args}}
+        scripts["GCFG"] = {"args": gcfg_args}
+    if scripts:
+        body["alwayson_scripts"] = scripts
     return client.post(f"/sdapi/v1/{route}", json=body)
 
 
@@ -129,6 +139,8 @@ def png_mask(square: slice) -> str:
     [True],
 ])
 def test_enabled_without_prior_terms_or_scale_equals_disabled_and_adds_no_rows(client, sampler, negative, gcfg_on):
+    if gcfg_on != [True] and (sampler, negative) != ("Euler", ""):
+        left_out_on_forge()
     off = ok(txt2img(client, [False], negative_prompt=negative, sampler_name=sampler))
     on = ok(txt2img(client, gcfg_on, negative_prompt=negative, sampler_name=sampler))
     assert [image.tobytes() for image in pixels(on)] == [image.tobytes() for image in pixels(off)]
@@ -163,8 +175,13 @@ TESTED_SAMPLERS = ["Euler", "Euler a", "DPM++ 2M", "Heun", "DPM2 a", "DPM adapti
                    "PLMS", "UniPC"]
 
 
+FORGE_SAMPLERS = ["Euler", "Euler a", "DPM++ 2M", "Heun", "DDIM", "DDIM CFG++", "UniPC"]
+
+
 @pytest.mark.parametrize("sampler", TESTED_SAMPLERS)
 def test_prior_equal_to_the_main_checkpoint_reproduces_the_webui_uncond(client, main_model, sampler):
+    if sampler not in FORGE_SAMPLERS:
+        left_out_on_forge()
     off = ok(txt2img(client, [False], sampler_name=sampler))
     on = ok(txt2img(client, [{"enabled": True, "prior": main_model}], sampler_name=sampler))
     assert max_difference(on, off) <= TOLERANCE
@@ -177,6 +194,8 @@ def test_prior_equal_to_the_main_checkpoint_reproduces_the_webui_uncond(client, 
 @needs_prior
 @pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
 def test_prior_changes_the_image_without_negative_prompt_and_is_written_to_infotext(client, sampler):
+    if sampler != "Euler":
+        left_out_on_forge()
     off = ok(txt2img(client, [False], sampler_name=sampler))
     on = ok(txt2img(client, [{"enabled": True, "prior": PRIOR}], sampler_name=sampler))
     assert max_difference(on, off) > 8
@@ -212,6 +231,8 @@ def test_skipped_uncond_steps_run_no_prior_rows(client, main_model):
 
 @pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
 def test_batch_and_hires_fix_with_the_main_checkpoint_as_prior_reproduce_the_webui(client, main_model, sampler):
+    if sampler != "Euler":
+        left_out_on_forge()
     off = ok(txt2img(client, [False], sampler_name=sampler, **HIRES))
     on = ok(txt2img(client, [{"enabled": True, "prior": main_model}], sampler_name=sampler, **HIRES))
     assert len(on["images"]) == 4 and max_difference(on, off) <= TOLERANCE
@@ -221,6 +242,7 @@ def test_batch_and_hires_fix_with_the_main_checkpoint_as_prior_reproduce_the_web
 
 @needs_prior
 def test_batch_hires_with_prior_and_prompts_uses_the_hires_prompts(client):
+    left_out_on_forge()
     off = ok(txt2img(client, [False], **HIRES))
     on = ok(txt2img(client, [{"enabled": True, "prior": PRIOR, "terms": "+1 a dog"}],
                     prompt="[a cat:a bird:0.5] AND a tree :0.3", hr_prompt="a red cat", **HIRES))
@@ -234,6 +256,8 @@ def test_batch_hires_with_prior_and_prompts_uses_the_hires_prompts(client):
 @pytest.mark.parametrize(("sampler", "steps"), [("Euler", 3), ("DDIM", 6)])
 @pytest.mark.parametrize("inpaint", [False, True])
 def test_img2img_and_inpainting(client, main_model, sampler, steps, inpaint):
+    if sampler != "Euler":
+        left_out_on_forge()
     init = ok(txt2img(client, [False], seed=7))["images"][0]
     extra = {"init_images": [init], "denoising_strength": 0.6, "sampler_name": sampler, "steps": steps}
     if inpaint:
@@ -287,6 +311,8 @@ def test_concept_model_changes_the_image_and_weight_zero_does_not_run(client, co
 @needs_prior
 @pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
 def test_prior_concept_and_two_terms_rows(client, concept, sampler):
+    if sampler != "Euler":
+        left_out_on_forge()
     args = [True, PRIOR, concept, 2.5, "classic", "+2 a dog\n-1 blurry"]
     ok(txt2img(client, args, sampler_name=sampler))
     assert rows(client) == [{"webui": 1.0, "prior": 1.0, "concept": 1.0, "main": 2.0}]  # 5 rows (was 6)
@@ -333,6 +359,7 @@ def test_bad_input_gives_422_naming_the_argument_and_the_next_request_is_served(
     ok(txt2img(client, [False]))
 
 
+@only_on(A1111, why="A1111's LCM sampler scales its model output itself; Forge's runs through its CFG denoiser")
 def test_unsupported_sampler_is_a_422_but_enabled_without_work_is_not(client):
     bad = txt2img(client, [{"enabled": True, "terms": "+1 a dog"}], sampler_name="LCM")
     assert bad.status_code == 422 and "LCM" in bad.json()["detail"]
@@ -379,6 +406,8 @@ def test_routes_need_the_api_auth_credentials_like_the_webui_routes(client):
 @pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
 def test_cfg_one_with_a_prior_runs_no_prior_rows(client, sampler):
     """E₀'s coefficient is 1 − CFG = 0: neither the prior nor the WebUI's uncond row runs."""
+    if sampler != "Euler":
+        left_out_on_forge()
     off = ok(txt2img(client, [False], cfg_scale=1, sampler_name=sampler))
     on = ok(txt2img(client, [{"enabled": True, "prior": PRIOR}], cfg_scale=1, sampler_name=sampler))
     assert max_difference(on, off) <= TOLERANCE
@@ -408,6 +437,7 @@ def test_windows_select_steps_by_sigma_on_a_second_order_sampler(client):
 
 
 @needs_prior
+@only_on(A1111, why="Forge's refiner switch is refused (test_forge_refuses_the_refiner_switch)")
 def test_an_sd1_refiner_re_encodes_the_current_models_terms(client):
     """After the switch to the refiner the WebUI re-encodes its prompt; `+2 a dog` must follow it, so that it
     still equals the AND prompt `a dog :0.4` run with the same refiner."""
@@ -431,3 +461,37 @@ def test_every_weight_is_range_checked_before_sampling(client, args, message):
 def test_term_validation_warns_about_a_broken_window(client):
     body = client.post("/gcfg/v1/terms/validate", json={"terms": "+1 {0.5- dog"}).json()
     assert body["valid"] and body["warnings"][0]["column"] == 4
+
+
+# --- Forge: its refiner switch, its post-CFG features ---------------------------------------------------------------
+
+@needs_prior
+@only_on(FORGE, why="Forge only")
+def test_forge_refuses_the_refiner_switch_before_sampling(client):
+    """Forge's refiner switch loads a model whose UNet patcher GCFG's hooks are not on: a 422, never an image that
+    stops being guided halfway."""
+    bad = txt2img(client, [{"enabled": True, "terms": "+2 a dog"}], refiner_checkpoint=PRIOR, refiner_switch_at=0.5)
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("GCFG refiner:"), bad.text[:300]
+    ok(txt2img(client, [False]))
+
+
+DYNAMIC_THRESHOLDING = ("dynamicthresholding (cfg-fix) integrated",
+                        [True, 3.5, 0.9, "Constant", 0.0, "Constant", 0.0, 1.0, "enable", "MEAN", "AD", 1.0])
+PAG = ("perturbedattentionguidance integrated", [True, 3.0, 0.0, 0.0, 1.0])
+
+
+@only_on(FORGE, why="Forge's built-in post-CFG features")
+@pytest.mark.parametrize(("feature", "feature_args"), [DYNAMIC_THRESHOLDING, PAG], ids=["dynthres", "pag"])
+def test_forge_post_cfg_features_see_the_priors_prediction_as_uncond(client, main_model, feature, feature_args):
+    """Dynamic thresholding reads Forge's uncond prediction, PAG runs after the CFG: with the prior set to the main
+    checkpoint each gives its own image (the prior's E₀ is what they read); another prior changes it."""
+    scripts = {feature: {"args": feature_args}}
+    off = ok(txt2img(client, [False], alwayson_scripts_extra=scripts))
+    same = ok(txt2img(client, [{"enabled": True, "prior": main_model}], alwayson_scripts_extra=scripts))
+    assert max_difference(same, off) <= TOLERANCE
+    assert rows(client) == [{"webui": 1.0, "prior": 1.0}]
+    plain = ok(txt2img(client, [False]))
+    assert max_difference(off, plain) > 0  # the feature did something
+    if PRIOR:
+        other = ok(txt2img(client, [{"enabled": True, "prior": PRIOR}], alwayson_scripts_extra=scripts))
+        assert max_difference(other, off) > 8
