@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--negative-prompt", default="", help="the negative prompt (default: empty)")
     prompts.add_argument("--negative-scale", type=_scale, default=None,
                          help="negative prompt weight, or 'classic' (1 - CFG scale) (default: classic)")
+    prompts.add_argument("--uncond-prompt", choices=PARAMS_BY_NAME["uncond_prompt"].choices,
+                         default=PARAMS_BY_NAME["uncond_prompt"].default,
+                         help=PARAMS_BY_NAME["uncond_prompt"].help)
     prompts.add_argument("--term", action="append", default=[], metavar="TERM",
                          help="extra term, repeatable: '<weight> [@model] [{start-end}] <prompt>', e.g. "
                               "'+4 in Van Gogh style' (default: none)")
@@ -299,6 +302,7 @@ def run_sample(args: argparse.Namespace) -> list[Path]:
         concept_weight=args.concept_weight,
         negative_scale=args.negative_scale,
         terms=_terms_text(args.term),
+        uncond_prompt=args.uncond_prompt,
     )
     width = args.width if args.width is not None else demo_size
     height = args.height if args.height is not None else demo_size

@@ -91,6 +91,7 @@ def build_plan(request: GenerationRequest, *, has_concept: bool) -> GuidancePlan
     return standard_plan(
         request.cfg_scale, request.prompt, request.negative_prompt, settings.negative_scale,
         settings.concept_weight if has_concept else 0.0, settings.parsed_terms(),
+        uncond_prompt=request.prompt if settings.uncond_prompt == "prompt" else "",
     )
 
 
