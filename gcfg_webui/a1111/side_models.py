@@ -16,7 +16,7 @@ combined, so an ε SDXL base can be the prior of a v-prediction fine-tune.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +55,7 @@ class ExtraModel:
     prediction: Prediction = Prediction.EPS
     alphas_cumprod: Tensor | None = None  # None: the SD 1 schedule the WebUI's SD 1.x models use
     checkpoint: object | None = None  # a gcfg_core SDModel / SDXLModel with its text encoder(s)
+    text_loader: Callable[[], object] | None = None  # loads `checkpoint` on the first prompt to encode
     contexts: dict[tuple, object] = field(default_factory=dict)
 
     @property
@@ -66,6 +67,8 @@ class ExtraModel:
         SDXL conditioning for `sizes` (crossattn [1, 77·k, C], vector [1, V])."""
         key = (prompt, clip_skip, sizes if self.is_sdxl else None)
         if key not in self.contexts:
+            if self.checkpoint is None and self.text_loader is not None:
+                self.checkpoint = self.text_loader()
             if self.checkpoint is None:
                 raise GCFGRequestError("terms", f"model {self.name!r} has no text encoder for prompt {prompt!r}")
             with torch.no_grad():
@@ -142,7 +145,8 @@ def _unmarked_parameterization(filename: str) -> Parameterization | None:
 
 
 def load_checkpoint_model(name: str, argument: str) -> ExtraModel:
-    """A checkpoint's UNet and text encoder(s) (for the prior or an `@checkpoint` term), cached; SD 1.x or SDXL."""
+    """A checkpoint's UNet (for the prior or an `@checkpoint` term), cached; SD 1.x or SDXL. Its text encoder(s)
+    load on the first prompt it encodes: an SDXL prior's empty prompt is the host's zeros and needs none."""
     info = resolve_checkpoint(name, argument)
     try:
         override = _unmarked_parameterization(info.filename)
@@ -153,21 +157,31 @@ def load_checkpoint_model(name: str, argument: str) -> ExtraModel:
     def load() -> ExtraModel:
         try:
             model = load_checkpoint(info.filename, device=devices.cpu, dtype=torch.float32,
-                                    parameterization=override, compute_hash=False)
+                                    parameterization=override, compute_hash=False, text_encoders=False, vae=False)
         except CheckpointError as error:
             raise GCFGRequestError(argument, str(error)) from error
         model.unet.to(device=_load_device(), dtype=devices.dtype_unet).requires_grad_(False)
-        for part in ("text_encoder", "text_encoder_2"):
-            encoder = getattr(model, part, None)
-            if encoder is not None:
-                encoder.requires_grad_(False)
-        model.vae = None  # GCFG decodes nothing: the WebUI's own VAE does
         prediction = getattr(model, "prediction", Prediction.EPS)
         logger.info("GCFG: loaded %s as %s (%s, %s)", info.title, argument, model.family.label, prediction.value)
         return ExtraModel(name=info.title, unet=model.unet, family=model.family, filename=info.filename,
-                          prediction=prediction, alphas_cumprod=model.alphas_cumprod.float().cpu(), checkpoint=model)
+                          prediction=prediction, alphas_cumprod=model.alphas_cumprod.float().cpu(),
+                          text_loader=lambda: _load_text_encoders(info.filename, argument))
 
     return CACHE.get(key, load, _capacity())
+
+
+def _load_text_encoders(filename: str, argument: str):
+    """The checkpoint's text encoder(s) alone, for prompts of its own (kept on the CPU, frozen)."""
+    try:
+        model = load_checkpoint(filename, device=devices.cpu, dtype=torch.float32, compute_hash=False, vae=False,
+                                unet=False)
+    except CheckpointError as error:
+        raise GCFGRequestError(argument, str(error)) from error
+    for part in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(model, part, None)
+        if encoder is not None:
+            encoder.requires_grad_(False)
+    return model
 
 
 def load_concept(name: str) -> ExtraModel:
