@@ -118,7 +118,7 @@ def test_positional_and_named_args_give_the_same_settings(fake):
     ([{"enabled": True, "concept_weight": "much"}], "concept_weight"),
     ([{"enabled": True, "negative_scale": "loud"}], "negative_scale"),
     ([{"enabled": True, "terms": "4 no sign"}], "terms"),
-    ([True, "", "", 1.0, "classic", "", "extra"], "args"),
+    ([True, "", "", 1.0, "classic", "", "empty", "extra"], "args"),
 ])
 def test_bad_args_name_the_argument_and_carry_422(fake, args, argument):
     from gcfg_webui.args import settings_from_args
@@ -428,7 +428,8 @@ def test_paste_fills_defaults_maps_the_prior_and_turns_gcfg_off_without_keys(fak
     pasted = {"GCFG": "True", "GCFG prior": "prior.safetensors"}
     infotext.complete_pasted(pasted, model_files.prior_choice)
     assert pasted == {"GCFG": "True", "GCFG prior": fake.prior_name, "GCFG concept": "None",
-                      "GCFG concept weight": "2.5", "GCFG negative scale": "classic", "GCFG terms": ""}
+                      "GCFG concept weight": "2.5", "GCFG negative scale": "classic", "GCFG terms": "",
+                      "GCFG uncond prompt": "empty"}
     from modules import sd_models
 
     sd_models.register("/models/unhashed.safetensors", shorthash=None)  # listed without [hash] until hashed
@@ -462,7 +463,7 @@ def test_xyz_axes_override_one_parameter(fake):
             self.label, self.type, self.apply, self.choices = label, type, apply, choices
 
     module = SimpleNamespace(axis_options=[], AxisOption=AxisOption)
-    assert xyz.add_axes(module, lambda: ["None"]) == 5
+    assert xyz.add_axes(module, lambda: ["None"]) == 6
     assert xyz.add_axes(module, lambda: ["None"]) == 0
     p = fake.processing(negative_prompt="ugly")
     weight_axis = next(o for o in module.axis_options if "Negative" in o.label)
