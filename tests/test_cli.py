@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from waiting import BACKSTOP_S
 
 from gcfg_core.cli import main
 from gcfg_core.nulltext import convert_to_nulltext, transformer_block_names
@@ -87,7 +88,7 @@ def test_concept_term_with_a_prompt_is_refused(tiny_prior, concept_unet):
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "gcfg_core", "sample", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=BACKSTOP_S)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from waiting import BACKSTOP_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,7 @@ def test_newcomer_sequence_trains_and_samples_a_tiny_concept_model(tmp_path):
     outputs = []
     for argv in commands:
         run = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                             timeout=120)
+                             timeout=BACKSTOP_S)
         assert run.returncode == 0, f"{shlex.join(argv)}\n{run.stderr[-3000:]}"
         outputs.append(run.stdout)
 

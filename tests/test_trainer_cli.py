@@ -18,6 +18,7 @@ from trainer.jobfolder import JobFolder, JobState
 
 sys.path.insert(0, str(Path(__file__).parent))
 from trainer_helpers import cli_args  # noqa: E402
+from waiting import BACKSTOP_S  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,9 +93,10 @@ def test_train_refuses_a_job_that_already_has_checkpoints(tmp_path, tiny_checkpo
 def test_python_m_trainer_runs_without_the_webui():
     code = ("import sys, trainer.cli, trainer.loop, trainer.previews; "
             "assert not any(m == 'modules' or m.startswith(('modules.', 'gradio')) for m in sys.modules)")
-    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=BACKSTOP_S)
     assert run.returncode == 0, run.stderr.decode()
-    help_run = subprocess.run([sys.executable, "-m", "trainer", "--help"], cwd=REPO, capture_output=True, timeout=60)
+    help_run = subprocess.run([sys.executable, "-m", "trainer", "--help"], cwd=REPO, capture_output=True,
+                              timeout=BACKSTOP_S)
     assert help_run.returncode == 0
     for command in (b"prepare", b"train", b"resume", b"sample", b"status", b"demo-data"):
         assert command in help_run.stdout
