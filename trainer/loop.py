@@ -230,8 +230,58 @@ class EMA:
                     params[n].copy_(value)
 
 
+FUSED, FOREACH, PLAIN = "fused", "foreach", "plain"
+_ADAMW_FLAGS = {FUSED: {"fused": True}, FOREACH: {"foreach": True}, PLAIN: {"foreach": False}}
+# Exceptions by which an AdamW refuses an implementation: RuntimeError (torch 2.1: "`fused=True` requires all the
+# params to be ... of supported devices: ['cuda', ...]"), TypeError (a torch without the keyword), NotImplementedError
+# (no kernel for this device at step time), ValueError (argument checks of other versions).
+_REFUSALS = (RuntimeError, TypeError, NotImplementedError, ValueError)
+
+
+def adamw_runs(adamw: type[torch.optim.Optimizer], device: torch.device, implementation: str) -> bool:
+    """Whether this torch's `adamw` builds and steps with `implementation` on `device` (probed on one element)."""
+    param = torch.zeros(1, device=device, requires_grad=True)
+    param.grad = torch.ones_like(param)
+    try:
+        adamw([param], lr=1e-3, **_ADAMW_FLAGS[implementation]).step()
+    except _REFUSALS:
+        return False
+    return True
+
+
+def choose_adamw(device_type: str, *, fused_runs: bool, foreach_runs: bool,
+                 foreach_devices: tuple[str, ...]) -> str:
+    """Fused (one kernel for all parameters) where it runs; else foreach where torch has native multi-tensor kernels
+    for the device (elsewhere, e.g. on the CPU, foreach is a loop with extra temporaries); else plain."""
+    if fused_runs:
+        return FUSED
+    if foreach_runs and device_type in foreach_devices:
+        return FOREACH
+    return PLAIN
+
+
+def _foreach_devices() -> tuple[str, ...]:
+    # torch's own list (torch 2.1 has it too); older versions had native foreach kernels on CUDA only.
+    try:
+        from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+    except ImportError:
+        return ("cuda",)
+    return tuple(_get_foreach_kernels_supported_devices())
+
+
+@functools.cache
+def adamw_implementation(device: torch.device, adamw: type[torch.optim.Optimizer] = torch.optim.AdamW) -> str:
+    """The AdamW implementation to use on `device` with this torch: probed, not assumed from the version.
+
+    torch 2.1 (the WebUI 1.10.1 venv) fuses on CUDA only and raises for any other parameter; later versions also
+    fuse on the CPU and on MPS.
+    """
+    return choose_adamw(device.type, fused_runs=adamw_runs(adamw, device, FUSED),
+                        foreach_runs=adamw_runs(adamw, device, FOREACH), foreach_devices=_foreach_devices())
+
+
 def build_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Fused AdamW (one kernel per step), or bitsandbytes' 8-bit AdamW when asked for."""
+    """AdamW in the fastest implementation this torch has for `device`, or bitsandbytes' 8-bit AdamW when asked."""
     kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                   weight_decay=config.weight_decay)
     if config.optimizer == Optimizer.ADAMW_8BIT:
@@ -241,7 +291,9 @@ def build_optimizer(params: list[nn.Parameter], config: TrainConfig, device: tor
             raise TrainingError("optimizer 'adamw8bit' needs the bitsandbytes package (pip install bitsandbytes); "
                                 "use optimizer 'adamw' or install it") from exc
         return bitsandbytes.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **kwargs)
+    implementation = adamw_implementation(device, torch.optim.AdamW)
+    log.info("AdamW: %s implementation (torch %s on %s)", implementation, torch.__version__, device)
+    return torch.optim.AdamW(params, **_ADAMW_FLAGS[implementation], **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
