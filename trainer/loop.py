@@ -542,6 +542,9 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
     # Disk and memory are checked before anything expensive: inside `prepare` right after the dataset scan, or
     # here when the job was prepared before (a resume, `prepare` then `train`, the other processes of a launch).
     with accelerator.main_process_first():
+        if resume and accelerator.is_main_process:
+            # A crash mid-save may have left the newest step in a hidden folder: move it into place first.
+            checkpoints.recover_checkpoints(job.checkpoints_dir)
         prepared = read_prepared(job, config)
         if prepared is None:
             try:
