@@ -10,7 +10,7 @@ trainer, without downloading a model; it generates noise, not pictures.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import logging
 import re
 import sys
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from gcfg_core.console import ldm_chatter_filtered
 from gcfg_core.params import PARAMS_BY_NAME, GCFGSettings
 from gcfg_core.syntax import TermSyntaxError, format_terms, parse_terms
 
@@ -87,10 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, default=None, help="sampling steps (default: 20, or 8 with --demo)")
     run.add_argument("--cfg-scale", type=float, default=7.0, help="weight of the prompt")
     run.add_argument("--seed", type=int, default=-1, help="-1 = random; image i uses seed + i")
-    run.add_argument("--width", type=int, default=None, help="pixels, a multiple of 64 (default: 512, or 64 with "
-                     "--demo)")
-    run.add_argument("--height", type=int, default=None, help="pixels, a multiple of 64 (default: 512, or 64 with "
-                     "--demo)")
+    run.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 as in the WebUI (default: 512, "
+                     "or 64 with --demo)")
+    run.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 as in the WebUI (default: "
+                     "512, or 64 with --demo)")
     run.add_argument("--batch-size", type=int, default=1, help="images per run")
     run.add_argument("--clip-skip", type=int, default=1, help="use the CLIP text encoder's n-th last layer")
     run.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
@@ -154,21 +155,71 @@ def _demo_models():
     return prior, main, convert_to_nulltext(concept, vectors)
 
 
-def _load_models(args: argparse.Namespace):
-    from gcfg_core.concept_file import load_concept_model
-    from gcfg_core.models import load_sd_checkpoint
-
+def _check_model_files(args: argparse.Namespace) -> None:
     if args.prior is None:
         raise CliError("--prior PATH is required (or use --demo)")
     for flag, path in (("--prior", args.prior), ("--model", args.model), ("--concept", args.concept)):
         if path is not None and not path.is_file():
             raise CliError(f"{flag}: file not found: {path}")
+
+
+def _load_models(args: argparse.Namespace):
+    """(prior, main, concept UNet or None, the concept's infotext name)."""
+    from gcfg_core.concept_file import concept_label, load_concept_model
+    from gcfg_core.models import load_sd_checkpoint
+
     prior = load_sd_checkpoint(args.prior, device=args.device)
     main = load_sd_checkpoint(args.model, device=args.device) if args.model else prior
-    concept = None
-    if args.concept is not None:
-        concept, _metadata = load_concept_model(args.concept, device=args.device)
-    return prior, main, concept
+    if args.concept is None:
+        return prior, main, None, ""
+    concept, metadata = load_concept_model(args.concept, device=args.device)
+    return prior, main, concept, concept_label(args.concept, metadata)
+
+
+# Request and settings fields -> the flag that sets them, for messages; a message starting with the key is about it.
+_FLAGS = {"cfg_scale": "--cfg-scale", "steps": "--steps", "batch_size": "--batch-size", "clip_skip": "--clip-skip",
+          "width": "--width", "height": "--height", "seed": "--seed", "concept_weight": "--concept-weight",
+          "negative_scale": "--negative-scale", "unknown sampler": "--sampler:",
+          "unknown schedule type": "--scheduler:"}
+
+
+def _named_by_flag(error: ValueError) -> CliError:
+    message = str(error)
+    for key, flag in _FLAGS.items():
+        if message.startswith(key):
+            return CliError(f"{flag} {message}" if flag.endswith(":") else flag + message[len(key):])
+    return CliError(message)
+
+
+def _checked_request(args: argparse.Namespace, settings: GCFGSettings, prompt: str):
+    """The request the flags describe; a bad value is a `CliError` naming its flag (no model needed)."""
+    from gcfg_core.pipeline import GenerationRequest
+
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise CliError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    demo_size = 64 if args.demo else 512
+    try:
+        return GenerationRequest(
+            prompt=prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
+            steps=args.steps if args.steps is not None else (8 if args.demo else 20),
+            sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
+            width=args.width if args.width is not None else demo_size,
+            height=args.height if args.height is not None else demo_size,
+            batch_size=args.batch_size, clip_skip=args.clip_skip, gcfg=settings,
+        )
+    except ValueError as error:
+        raise _named_by_flag(error) from None
+
+
+def _checked_settings(args: argparse.Namespace) -> GCFGSettings:
+    terms = _terms_text(args.term)
+    try:
+        return GCFGSettings(enabled=True, concept_weight=args.concept_weight, negative_scale=args.negative_scale,
+                            terms=terms)
+    except ValueError as error:
+        raise _named_by_flag(error) from None
 
 
 def _next_index(out: Path) -> int:
@@ -177,35 +228,27 @@ def _next_index(out: Path) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> list[Path]:
-    from gcfg_core.pipeline import GenerationRequest, generate
+    from gcfg_core.fileio import folder_write_problem
+    from gcfg_core.pipeline import generate
     from gcfg_core.pngmeta import save_png
 
-    demo_size = 64 if args.demo else 512
+    # Every value, the output folder and the model files are checked before any model is loaded.
+    prompt = args.prompt if args.prompt is not None else (DEMO_PROMPT if args.demo else "")
+    request = _checked_request(args, _checked_settings(args), prompt)
+    problem = folder_write_problem(args.out)
+    if problem:
+        raise CliError(f"--out {str(args.out)!r}: cannot write there ({problem})")
+    if not args.demo:
+        _check_model_files(args)
+
     if args.demo:
         prior, main, concept = _demo_models()
         concept_name = "demo-concept"
     else:
-        prior, main, concept = _load_models(args)
-        concept_name = args.concept.name if args.concept else ""
-    prompt = args.prompt if args.prompt is not None else (DEMO_PROMPT if args.demo else "")
-    settings = GCFGSettings(
-        enabled=True,
-        prior=prior.name if main is not prior else "",
-        concept=concept_name if concept is not None else "",
-        concept_weight=args.concept_weight,
-        negative_scale=args.negative_scale,
-        terms=_terms_text(args.term),
-    )
-    request = GenerationRequest(
-        prompt=prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
-        steps=args.steps if args.steps is not None else (8 if args.demo else 20),
-        sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
-        width=args.width if args.width is not None else demo_size,
-        height=args.height if args.height is not None else demo_size,
-        batch_size=args.batch_size, clip_skip=args.clip_skip, gcfg=settings,
-    )
+        prior, main, concept, concept_name = _load_models(args)
+    settings = dataclasses.replace(request.gcfg, prior=prior.name if main is not prior else "", concept=concept_name)
+    request = dataclasses.replace(request, gcfg=settings)
     result = generate(request, prior=prior, main=main, concept_unet=concept, progress=not args.no_progress)
-    args.out.mkdir(parents=True, exist_ok=True)
     start = _next_index(args.out)
     paths = []
     for offset, (image, seed, infotext) in enumerate(zip(result.images, result.seeds, result.infotexts, strict=True)):
@@ -218,8 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, stream=sys.stderr,
                         format="%(name)s: %(message)s")
     try:
-        # ldm prints build messages on stdout, which is reserved for the saved paths.
-        with contextlib.redirect_stdout(sys.stderr):
+        # stdout is reserved for the saved paths: anything printed goes to stderr, ldm's build messages only
+        # with --verbose.
+        with ldm_chatter_filtered(verbose=getattr(args, "verbose", False), target=sys.stderr):
             if args.command == "random-checkpoint":
                 paths = [write_random_checkpoint(args.out, architecture=args.architecture, seed=args.seed)]
             else:
