@@ -74,6 +74,8 @@ def folder_write_problem(path: str | os.PathLike) -> str | None:
     reported in seconds, not after the work.
     """
     folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        return "it is a file, not a folder"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

@@ -43,7 +43,7 @@ from gcfg_core.fileio import atomic_path, atomic_write_text
 from gcfg_core.models import load_sd_checkpoint
 from gcfg_core.nulltext import calibrate_nulltext, convert_to_nulltext
 from trainer import checkpoints
-from trainer.config import LRSchedule, Optimizer, TrainConfig
+from trainer.config import LRSchedule, Optimizer, TrainConfig, check_resume_length
 from trainer.data import scan_dataset
 from trainer.distributed import JobReporter, make_accelerator, release_accelerator, resolve_device
 from trainer.jobfolder import JobFolder, JobState
@@ -56,6 +56,7 @@ from trainer.latent_cache import (
     vae_moments_fn,
 )
 from trainer.preflight import check_mixed_precision, preflight_job
+from trainer.progress import ConsoleProgress
 
 log = logging.getLogger("gcfg.trainer.loop")
 
@@ -520,6 +521,9 @@ def train(config: TrainConfig, job: JobFolder, *, resume: bool = False, stop: St
     """Train (or resume) the concept UNet of `job` until `config.max_steps`, a stop request or a non-finite loss."""
     stop = stop or StopFlag()
     check_mixed_precision(config)  # Accelerate would otherwise fail mid-setup with a traceback
+    if resume:  # refused before anything is written (status.json would read "step 20 of 10")
+        newest = checkpoints.latest_checkpoint(job.checkpoints_dir)
+        check_resume_length(config, newest.step if newest is not None else 0)
     accelerator = make_accelerator(config)
     reporter = JobReporter(job, enabled=accelerator.is_main_process)  # only process 0 writes files
     with stop_on_signals(stop):
@@ -601,6 +605,8 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
     last_checkpoint = checkpoint.path if checkpoint else None
     started = last_save = time.monotonic()
     start_step = step
+    console = ConsoleProgress(config.max_steps, initial=step, desc=f"training {config.name}", unit="step",
+                              enabled=progress)
     while step < config.max_steps:
         # 1) learning rate of this step, set by hand (nanoGPT style: the schedule is a pure function of the step)
         lr = lr_at(step, config)
@@ -624,6 +630,7 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
             log.error(message)
             reporter.event({"type": "error", "step": step + 1, "loss": str(loss_value), "message": message})
             reporter.update(JobState.FAILED, last_error=message, message="non-finite loss")
+            console.close()
             return TrainResult(JobState.FAILED, step, losses, last_checkpoint, message)
         # 3) clip, step, EMA
         grad_norm = None
@@ -644,6 +651,7 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
         eta = (config.max_steps - step) * config.batch_size / max(images_per_s, 1e-9)
         reporter.event({"type": "step", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                         "images_per_s": images_per_s})
+        console.update(step, loss=f"{loss_value:.4g}", **{"images/s": f"{images_per_s:.3g}"})
         stop_now = bool(accelerator.reduce(torch.tensor(float(stop.is_set()), device=device), reduction="sum") > 0)
         save_now = (step == config.max_steps or stop_now or _due(step, config.checkpoint_every_steps)
                     or (config.checkpoint_every_minutes > 0
@@ -663,6 +671,7 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
         if stop_now:
             break
 
+    console.close()
     accelerator.wait_for_everyone()
     if step >= config.max_steps:
         final, message = JobState.COMPLETED, f"completed {step} steps"
