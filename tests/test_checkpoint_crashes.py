@@ -215,3 +215,22 @@ def test_a_pointer_that_cannot_be_replaced_does_not_fail_the_save(tmp_path, monk
     assert read(checkpoints.latest_checkpoint(root)) == (1, 0)
     assert "could not update" in caplog.text
     assert torch.load(root / "step-000001" / checkpoints.TRAIN_STATE_FILE, weights_only=True)["write"] == 0
+
+
+def test_a_leftover_that_cannot_be_moved_does_not_fail_the_next_save(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "checkpoints"
+    _write(root, 1, 0)
+    (root / ".tmp-step-000002-1-a").mkdir()  # an incomplete leftover, held open by another process on Windows
+    real_move = checkpoints._move
+
+    def move(source, target):
+        if source.name.startswith(".tmp-step-000002-1-"):
+            raise PermissionError(32, "The process cannot access the file because it is being used", str(source))
+        return real_move(source, target)
+
+    monkeypatch.setattr(checkpoints, "_move", move)
+    _write(root, 3, 1)
+    assert read(checkpoints.latest_checkpoint(root)) == (3, 1) and "could not tidy" in caplog.text
+    monkeypatch.undo()
+    _write(root, 4, 2)  # the next save tidies it
+    assert hidden(root) == []

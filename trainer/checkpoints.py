@@ -291,7 +291,10 @@ def write_checkpoint(
     """
     root = Path(checkpoints_dir)
     root.mkdir(parents=True, exist_ok=True)
-    recover_checkpoints(root)
+    try:
+        recover_checkpoints(root)
+    except OSError as exc:  # e.g. a leftover still open in another process on Windows: left for the next save
+        log.warning("could not tidy %s before saving step %d: %s", root, step, exc)
     final = root / checkpoint_name(step)
     staging = root / f"{_TMP_PREFIX}{final.name}-{_token()}"
     staging.mkdir()
