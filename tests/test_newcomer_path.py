@@ -52,6 +52,9 @@ def test_readme_block_is_the_tested_one():
     if not trainer_blocks:
         pytest.skip("README.md has no trainer quick start yet")
     assert NEWCOMER_COMMANDS in trainer_blocks
+    # its timings say how loaded the (shared) machine was when they were taken
+    after_block = readme.split(NEWCOMER_COMMANDS, 1)[1].split("| **total** |", 1)[0]
+    assert "load average" in after_block and "`uptime`" in after_block
 
 
 @pytest.mark.slow
