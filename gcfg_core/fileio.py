@@ -65,3 +65,21 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
     """Call `write(tmp_path)` and atomically move the result to `path` (e.g. `lambda p: torch.save(obj, p)`)."""
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+def folder_write_problem(path: str | os.PathLike) -> str | None:
+    """Create the folder `path` (with its parents) and a temporary file in it; why that failed, or None.
+
+    The command lines call it before loading any model, so that an output or job folder they cannot write is
+    reported in seconds, not after the work.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        return "it is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None

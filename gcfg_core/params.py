@@ -184,6 +184,14 @@ class _SettingsMethods:
                 values[param.infotext_key] = infotext_value(param, value)
         return values
 
+    def changed_infotext(self) -> dict[str, str]:
+        """The infotext the README's rule writes: ``GCFG: True`` and every value that differs from its default (no
+        empty keys, no defaults); nothing when disabled. `from_infotext` restores the same settings."""
+        values = self.to_infotext()
+        return {param.infotext_key: values[param.infotext_key] for param in PARAMS
+                if param.infotext_key in values
+                and (param.name == "enabled" or values[param.infotext_key] != infotext_value(param, param.default))}
+
     @classmethod
     def from_infotext(cls, infotext: Mapping[str, str]):
         """Settings from parsed infotext; GCFG is enabled iff the ``GCFG`` key says True; missing keys default."""

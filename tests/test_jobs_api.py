@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ pytest.importorskip("httpx")
 
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 from gcfg_webui.jobs_api import PREFIX, TrainingHost, add_job_routes, config_error_problems  # noqa: E402
 from trainer.config import ConfigError  # noqa: E402
@@ -56,16 +56,17 @@ def body(host: TrainingHost, **overrides) -> dict:
     return values
 
 
-def wait_state(client: TestClient, job_id: str, states: set[str], timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
+def wait_state(client: TestClient, job_id: str, states: set[str]) -> dict:
+    def seen() -> dict | None:
         client.app.state  # noqa: B018 - keep the client alive
         info = client.get(f"{PREFIX}/{job_id}").json()
         if info["state"] in states:
             return info
-        assert time.monotonic() < deadline, info
-        time.sleep(0.05)
         _tick(client)
+        return None
+
+    return wait_until(seen, f"job {job_id!r} in {sorted(states)}",
+                      describe=lambda: str(client.get(f"{PREFIX}/{job_id}").json()))
 
 
 def _tick(client: TestClient) -> None:

@@ -7,10 +7,10 @@ import dataclasses
 import enum
 import importlib.util
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_until
 
 from gcfg_webui import training_tab
 from gcfg_webui.jobs_api import TrainingHost
@@ -126,11 +126,14 @@ def test_create_poll_and_actions(host):
     tab = TrainingTab(host)
     message, job_id = tab.create(*tiny_form(tab, host, name="my faces"))
     assert job_id == "my_faces" and "created" in message
-    deadline = time.monotonic() + 30
-    while host.manager.get(job_id).step < 2:
-        assert time.monotonic() < deadline
-        host.manager.tick()
-        time.sleep(0.05)
+
+    def ticked(condition):
+        def check() -> bool:
+            host.manager.tick()
+            return condition()
+        return check
+
+    wait_until(ticked(lambda: host.manager.get(job_id).step >= 2), "step 2")
     selected, sent, jobs, detail, loss, preview, log, stop, cancel, resume, delete = tab.poll("", {})
     assert selected == job_id and sent["job"] == job_id  # the running job is selected by default
     assert 'data-job-id="my_faces"' in jobs and "training" in detail
@@ -140,10 +143,7 @@ def test_create_poll_and_actions(host):
     again = tab.poll(selected, sent)
     assert again[5] == gr.update()
     assert "Stopping" in tab.act("stop", selected)
-    while host.manager.get(job_id).state != JobState.STOPPED:
-        assert time.monotonic() < deadline
-        host.manager.tick()
-        time.sleep(0.05)
+    wait_until(ticked(lambda: host.manager.get(job_id).state == JobState.STOPPED), "the stopped state")
     *_, stop, cancel, resume, delete = tab.poll(selected, sent)
     assert [b["interactive"] for b in (stop, cancel, resume, delete)] == [False, False, True, True]
     assert tab.act("delete", selected, False) == ""  # the confirm dialog said no

@@ -31,7 +31,7 @@ async function jobRow(page, jobName) {
 }
 
 async function waitForRow(page, jobName, predicate, what, timeout) {
-    const deadline = Date.now() + timeout;
+    const deadline = timeout > 0 ? Date.now() + timeout : Infinity;
     let last = null;
     while (Date.now() < deadline) {
         last = await jobRow(page, jobName);

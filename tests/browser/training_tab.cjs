@@ -9,7 +9,8 @@ const { log, launch, fill, jobRow, waitForRow: waitFor } = require("./tab_page.c
 
 const [url, datasetDir, screenshot] = process.argv.slice(2);
 const jobName = process.env.JOB_NAME || "browser-test";
-const timeout = Number(process.env.TIMEOUT_MS || 180000);
+// 0 = no limit (playwright's convention); the pytest runner passes its one backstop (tests/waiting.py).
+const timeout = Number(process.env.TIMEOUT_MS || 0);
 
 function waitForRowOf(page, predicate, what) {
     return waitFor(page, jobName, predicate, what, timeout);
@@ -18,6 +19,7 @@ function waitForRowOf(page, predicate, what) {
 (async () => {
     const browser = await launch();
     const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
+    page.setDefaultTimeout(timeout);  // every click, fill and navigation too (playwright's own 30 s)
     page.on("pageerror", (error) => log("page error:", error.message));
     const dialogs = [];
     page.on("dialog", async (dialog) => {
@@ -25,7 +27,7 @@ function waitForRowOf(page, predicate, what) {
         await dialog.accept();
     });
     await page.goto(url);
-    await page.waitForSelector("#gcfg_train_jobs", { timeout: 60000 });
+    await page.waitForSelector("#gcfg_train_jobs", { timeout });
     await page.waitForSelector(".gcfg-train-empty");
 
     // The form: a tiny job (16 images of 64 px, batch 4), previews every 4 steps.
@@ -44,7 +46,7 @@ function waitForRowOf(page, predicate, what) {
     await fill(page, "gcfg_train_preview_seeds", "0, 1");
     await page.locator("#gcfg_train_advanced").getByText("Advanced").first().click();
     await page.click("#gcfg_train_start");
-    await page.waitForSelector("#gcfg_train_form_message .gcfg-train-ok", { timeout: 30000 });
+    await page.waitForSelector("#gcfg_train_form_message .gcfg-train-ok", { timeout });
     log("created:", await page.locator("#gcfg_train_form_message").first().innerText());
 
     // Progress moves without any click: the page polls by itself.
@@ -52,7 +54,7 @@ function waitForRowOf(page, predicate, what) {
     log("training:", first.text);
     const later = await waitForRowOf(page, (r) => r.step >= first.step + 4, "progress");
     log("progress:", later.text);
-    await page.waitForSelector("#gcfg_train_preview img", { timeout: 60000 });
+    await page.waitForSelector("#gcfg_train_preview img", { timeout });
     await page.waitForTimeout(2500); // one more poll: loss plot and log up to date
     await page.screenshot({ path: screenshot, fullPage: true });
     log("screenshot:", screenshot);

@@ -28,6 +28,7 @@ import json
 import os
 
 import pytest
+from waiting import BACKSTOP_S
 from webui_responses import max_difference, ok, pixels
 
 pytestmark = [pytest.mark.webui, pytest.mark.skipif(not os.environ.get("GCFG_WEBUI_DIR"),
@@ -49,7 +50,7 @@ needs_prior = pytest.mark.skipif(not PRIOR, reason="GCFG_E2E_PRIOR not set")
 def client():
     httpx = pytest.importorskip("httpx")
     auth = tuple(API_AUTH.split(":", 1)) if API_AUTH else None
-    with httpx.Client(base_url=URL, timeout=600, auth=auth) as session:
+    with httpx.Client(base_url=URL, timeout=BACKSTOP_S, auth=auth) as session:
         yield session
 
 
@@ -365,7 +366,7 @@ def test_routes_list_models_and_validate_terms(client):
 @pytest.mark.skipif(not API_AUTH, reason="GCFG_E2E_API_AUTH not set (WebUI without --api-auth)")
 def test_routes_need_the_api_auth_credentials_like_the_webui_routes(client):
     httpx = pytest.importorskip("httpx")
-    with httpx.Client(base_url=URL, timeout=60) as anonymous:
+    with httpx.Client(base_url=URL, timeout=BACKSTOP_S) as anonymous:
         assert anonymous.get("/gcfg/v1/priors").status_code == 401
         assert anonymous.get("/sdapi/v1/sd-models").status_code == 401
         user, _, _ = API_AUTH.partition(":")
