@@ -2,10 +2,10 @@
 
 The WebUI runs this file as `python install.py` with `launch` importable, at every start unless
 `--skip-install` / `--skip-prepare-environment` is given. Everything GCFG and its trainer need at run time already
-ships with WebUI 1.10.x (torch, safetensors, transformers, omegaconf, einops, accelerate, psutil, k-diffusion and
-`ldm` from `repositories/`, open-clip's CLIP vocabulary file), so normally nothing is installed and this returns
-in a few hundredths of a second. The pins are the WebUI 1.10.1 ones (`requirements_versions.txt`), so installing
-a missing package never moves one the WebUI already has.
+ships with WebUI 1.10.x (torch, safetensors, transformers, omegaconf, einops, accelerate, psutil, filelock,
+k-diffusion and `ldm` from `repositories/`, open-clip's CLIP vocabulary file), so normally nothing is installed and
+this returns in a few hundredths of a second. The pins are the WebUI 1.10.1 ones (`requirements_versions.txt`), so
+installing a missing package never moves one the WebUI already has.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ REQUIRED = (
     Requirement("einops", "einops", "einops==0.4.1"),
     Requirement("accelerate", "accelerate", "accelerate==0.21.0"),
     Requirement("psutil", "psutil", "psutil==5.9.5"),
+    # Ships with torch; the job manager's cross-process lock (portable: flock on POSIX, msvcrt on Windows).
+    Requirement("filelock", "filelock", "filelock==3.13.1"),
     # Only its CLIP BPE vocabulary file is read; its declared dependencies would pull another torch.
     Requirement("open-clip-torch", "open_clip", "--no-deps open-clip-torch==2.20.0"),
 )

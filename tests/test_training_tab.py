@@ -93,8 +93,8 @@ def _info(**changes) -> JobInfo:
     values = dict(id="a", name="a", state=JobState.TRAINING, step=25, total_steps=100, progress=0.25,
                   images_per_second=3.5, eta_seconds=90.0, message="loss 0.1", last_error=None, created="",
                   updated="", device="cpu", queue_position=None, actions=(JobAction.STOP, JobAction.CANCEL),
-                  requested=None, pid=1, last_checkpoint=None, published=None, dataset_dir="", base_checkpoint="",
-                  unload_webui_model=False)
+                  requested=None, pid=1, last_checkpoint=None, published=None, published_step=None, dataset_dir="",
+                  base_checkpoint="", unload_webui_model=False)
     values.update(changes)
     return JobInfo(**values)
 

@@ -9,6 +9,7 @@
     <job>/cache/             latent cache (trainer.latent_cache)
     <job>/checkpoints/       checkpoints and train state
     <job>/previews/          preview grids
+    <job>/stop.request       written by the job manager: the pid of the trainer that should save and stop
 
 Nothing here lives only in a process's memory, so a reloaded page or a restarted WebUI re-attaches by reading
 the folder (anchors-training.md, complaint 6).
@@ -124,6 +125,7 @@ class JobFolder:
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     previews_dir = property(lambda self: self.path / "previews")
     cache_dir = property(lambda self: self.path / "cache")
+    stop_request_path = property(lambda self: self.path / "stop.request")
 
     def create(self) -> JobFolder:
         """Make the folder and its sub-folders (idempotent)."""
@@ -165,6 +167,23 @@ class JobFolder:
             return dataclasses.replace(status, state=JobState.INTERRUPTED,
                                        message=f"process {status.pid} ended without a final status")
         return status
+
+    # --- stop requests (a signal-free stop that works on Windows too; the trainer polls it)
+
+    def request_stop(self, pid: int) -> None:
+        """Ask the trainer process `pid` of this job to save a checkpoint and stop."""
+        atomic_write_text(self.stop_request_path, f"{pid}\n")
+
+    def stop_requested(self, pid: int) -> bool:
+        """Whether a stop was requested for process `pid` (a file naming another pid is left over from an earlier
+        run and ignored)."""
+        try:
+            return self.stop_request_path.read_text(encoding="utf-8").strip() == str(pid)
+        except (FileNotFoundError, UnicodeDecodeError):
+            return False
+
+    def clear_stop_request(self) -> None:
+        self.stop_request_path.unlink(missing_ok=True)
 
     # --- events
 
