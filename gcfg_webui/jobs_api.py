@@ -10,7 +10,8 @@
     POST   /gcfg/v1/jobs/{id}/cancel|stop|resume   (resume takes optional config overrides as its body)
     DELETE /gcfg/v1/jobs/{id}
 
-Protected by the WebUI's `--api-auth` rule (gcfg_webui.api.auth_dependency). A request never names a file: the
+Who may call them: gcfg_webui.access (they exist only with --api; every POST and the DELETE change state and need
+credentials, or a server reachable from this machine alone). A request never names a file: the
 dataset folder must resolve inside the allowed dataset roots, the base checkpoint is looked up in the WebUI's
 checkpoint list, the job folder is chosen by the server from the sanitised name, and job files are reached only
 through a validated job id.
@@ -24,10 +25,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Body, Depends, FastAPI, Query
-from fastapi.responses import JSONResponse, Response
+from fastapi import Body, FastAPI, Query
+from fastapi.responses import FileResponse, JSONResponse, Response
 
-from gcfg_webui.api import auth_dependency, parse_credentials
+from gcfg_webui import access
 from trainer.config import ConfigError, TrainConfig
 from trainer.jobs import JobConflictError, JobError, JobManager, JobNotFoundError, PathPolicy
 
@@ -134,10 +135,10 @@ def _job_error_response(error: JobError) -> JSONResponse:
     return _problems_response([(error.argument, str(error))])
 
 
-def add_job_routes(app: FastAPI, api_auth: str | None, host: TrainingHost | Callable[[], TrainingHost]) -> None:
-    """Register the job routes on `app`; `host` may be a callable so a reloaded UI serves the current host."""
-    credentials = parse_credentials(api_auth)
-    dependencies = [Depends(auth_dependency(credentials))] if credentials else []
+def add_job_routes(app: FastAPI, policy: access.AccessPolicy,
+                   host: TrainingHost | Callable[[], TrainingHost]) -> None:
+    """Register the job routes on `app` as `policy` allows; `host` may be a callable so a reloaded UI serves the
+    current host."""
     current = host if callable(host) and not isinstance(host, TrainingHost) else (lambda: host)
 
     def guarded(action: Callable[[], Any]) -> Any:
@@ -181,7 +182,7 @@ def add_job_routes(app: FastAPI, api_auth: str | None, host: TrainingHost | Call
             path = current().manager.latest_preview(job_id)
             if path is None:
                 return JSONResponse(status_code=404, content={"detail": f"job {job_id!r} has no preview yet"})
-            return Response(path.read_bytes(), media_type="image/png")
+            return FileResponse(path, media_type="image/png")
 
         return guarded(run)
 
@@ -207,11 +208,12 @@ def add_job_routes(app: FastAPI, api_auth: str | None, host: TrainingHost | Call
 
         return guarded(run)
 
-    routes = (("", list_jobs, ["GET"]), ("", create, ["POST"]), ("/{job_id}", get, ["GET"]),
-              ("/{job_id}/log", log_tail, ["GET"]), ("/{job_id}/loss", loss, ["GET"]),
-              ("/{job_id}/loss.png", loss_png, ["GET"]), ("/{job_id}/preview.png", preview_png, ["GET"]),
-              ("/{job_id}/cancel", cancel, ["POST"]), ("/{job_id}/stop", stop, ["POST"]),
-              ("/{job_id}/resume", resume, ["POST"]), ("/{job_id}", delete, ["DELETE"]))
-    for path, endpoint, methods in routes:
-        app.add_api_route(PREFIX + path, endpoint, methods=methods, dependencies=dependencies)
-    logger.info("GCFG: training job routes under %s%s", PREFIX, " (with --api-auth)" if credentials else "")
+    access.add_routes(app, policy, [
+        (PREFIX, list_jobs, ["GET"], False), (PREFIX, create, ["POST"], True),
+        (PREFIX + "/{job_id}", get, ["GET"], False), (PREFIX + "/{job_id}/log", log_tail, ["GET"], False),
+        (PREFIX + "/{job_id}/loss", loss, ["GET"], False), (PREFIX + "/{job_id}/loss.png", loss_png, ["GET"], False),
+        (PREFIX + "/{job_id}/preview.png", preview_png, ["GET"], False),
+        (PREFIX + "/{job_id}/cancel", cancel, ["POST"], True), (PREFIX + "/{job_id}/stop", stop, ["POST"], True),
+        (PREFIX + "/{job_id}/resume", resume, ["POST"], True), (PREFIX + "/{job_id}", delete, ["DELETE"], True),
+    ])
+    access.log_policy_once(policy)

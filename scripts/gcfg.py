@@ -12,7 +12,7 @@ import logging
 import modules.scripts as scripts
 from modules import script_callbacks, shared
 
-from gcfg_webui import api, extra_models, hook, infotext, session, settings, xyz
+from gcfg_webui import access, api, extra_models, hook, infotext, session, settings, xyz
 
 logger = logging.getLogger("gcfg")
 
@@ -73,7 +73,7 @@ class GCFGScript(scripts.Script):
 
 
 def _on_app_started(demo, app) -> None:
-    api.add_routes(app, getattr(shared.cmd_opts, "api_auth", None), priors=extra_models.list_prior_titles,
+    api.add_routes(app, access.AccessPolicy.from_cmd_opts(shared.cmd_opts), priors=extra_models.list_prior_titles,
                    concepts=extra_models.list_concept_models, free_models=extra_models.CACHE.clear,
                    last_run=session.last_run)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from modules import paths, script_callbacks, sd_models, shared
 
-from gcfg_webui import jobs_api, training_tab
+from gcfg_webui import access, jobs_api, training_tab
 from gcfg_webui.extra_models import concept_dir
 from trainer.jobfolder import ACTIVE_STATES
 from trainer.jobs import JobInfo, JobManager, LaunchSpec, PathPolicy
@@ -87,7 +87,7 @@ def _on_ui_tabs():
 
 
 def _on_app_started(demo, app) -> None:
-    jobs_api.add_job_routes(app, getattr(shared.cmd_opts, "api_auth", None), _host)
+    jobs_api.add_job_routes(app, access.AccessPolicy.from_cmd_opts(shared.cmd_opts), _host)
 
 
 script_callbacks.on_ui_tabs(_on_ui_tabs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -14,6 +15,7 @@ pytest.importorskip("httpx")
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+from gcfg_webui.access import AccessPolicy  # noqa: E402
 from gcfg_webui.jobs_api import PREFIX, TrainingHost, add_job_routes, config_error_problems  # noqa: E402
 from trainer.config import ConfigError  # noqa: E402
 from trainer.jobs import JobManager, LaunchSpec, PathPolicy  # noqa: E402
@@ -44,7 +46,7 @@ def host(tmp_path):
 
 def make_client(host: TrainingHost, api_auth: str | None = None) -> TestClient:
     app = FastAPI()
-    add_job_routes(app, api_auth, host)
+    add_job_routes(app, AccessPolicy.from_cmd_opts(SimpleNamespace(api=True, api_auth=api_auth), environ={}), host)
     return TestClient(app)
 
 

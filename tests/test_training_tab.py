@@ -9,6 +9,7 @@ import importlib.util
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -244,6 +245,18 @@ def test_entry_script_registers_the_tab_and_the_routes(tmp_path, monkeypatch, fr
         app = FastAPI()
         registered["app"][0](None, app)
         assert TestClient(app).get("/gcfg/v1/jobs").json() == {"jobs": []}
+        # The WebUI's flags decide who may call: --listen without credentials refuses state changes.
+        from modules import shared
+
+        monkeypatch.setattr(shared, "cmd_opts", SimpleNamespace(**{**vars(shared.cmd_opts), "listen": True}))
+        app = FastAPI()
+        registered["app"][0](None, app)
+        refused = TestClient(app).post("/gcfg/v1/jobs", json={})
+        assert refused.status_code == 403 and "--listen" in refused.json()["detail"]
+        monkeypatch.setattr(shared, "cmd_opts", SimpleNamespace(**{**vars(shared.cmd_opts), "api": False}))
+        app = FastAPI()
+        registered["app"][0](None, app)
+        assert TestClient(app).get("/gcfg/v1/jobs").status_code == 404  # like /sdapi: no routes without --api
     finally:
         if jobs_api._webui_host is not None:
             jobs_api._webui_host.manager.shutdown()
