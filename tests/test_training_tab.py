@@ -18,7 +18,7 @@ from gcfg_webui.jobs_api import TrainingHost
 from gcfg_webui.training_tab import TrainingTab, form_fields, parse_widget, render_jobs_html, widget_value
 from trainer.config import TrainConfig, config_fields
 from trainer.jobfolder import JobState
-from trainer.jobs import JobAction, JobInfo, JobManager, LaunchSpec, PathPolicy
+from trainer.jobs import JobAction, JobError, JobInfo, JobManager, LaunchSpec, PathPolicy
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -219,6 +219,9 @@ def test_entry_script_registers_the_tab_and_the_routes(tmp_path, monkeypatch, fr
     monkeypatch.setattr(paths, "models_path", str(tmp_path / "models"))
     monkeypatch.setattr(paths, "data_path", str(tmp_path), raising=False)
     monkeypatch.setattr(jobs_api, "_webui_host", None, raising=False)
+    extra = tmp_path / "elsewhere"
+    extra.mkdir()
+    monkeypatch.setenv("GCFG_DATASET_ROOTS", str(extra))
     base = tmp_path / "models" / "Stable-diffusion" / "base.safetensors"
     base.parent.mkdir(parents=True)
     base.write_bytes(b"")
@@ -236,7 +239,14 @@ def test_entry_script_registers_the_tab_and_the_routes(tmp_path, monkeypatch, fr
         assert host.manager.root == (tmp_path / "models" / "GCFG-training").resolve()
         assert host.manager.publish_dir == (tmp_path / "models" / "GCFG").resolve()
         assert host.manager.launch.pythonpath[0] == str(REPO_ROOT)
-        assert host.policy.dataset_roots == (str(tmp_path.resolve()),)
+        datasets = tmp_path.resolve() / "GCFG-datasets"
+        assert host.policy.dataset_roots == (str(datasets), str(extra.resolve())) and datasets.is_dir()
+        (datasets / "faces").mkdir()
+        assert host.policy.check_dataset(str(datasets / "faces")) == str(datasets / "faces")
+        for inside_the_webui in (tmp_path / "models", tmp_path / "outputs", tmp_path):
+            inside_the_webui.mkdir(exist_ok=True)
+            with pytest.raises(JobError, match="outside the allowed dataset folders"):
+                host.policy.check_dataset(str(inside_the_webui))
         assert host.resolve_checkpoint("base.safetensors [0123456789]") == str(base)
         assert host.resolve_checkpoint("nothing-like-it") is None
         from fastapi import FastAPI
