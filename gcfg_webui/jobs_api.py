@@ -5,7 +5,7 @@
     GET    /gcfg/v1/jobs/{id}               one job, with its config
     GET    /gcfg/v1/jobs/{id}/log?lines=N   the end of its log
     GET    /gcfg/v1/jobs/{id}/loss          (step, loss) points
-    GET    /gcfg/v1/jobs/{id}/loss.png      the loss plot
+    GET    /gcfg/v1/jobs/{id}/loss.png      the loss plot (?theme=dark for a dark background)
     GET    /gcfg/v1/jobs/{id}/preview.png   the newest preview grid (404 when none yet)
     POST   /gcfg/v1/jobs/{id}/cancel|stop|resume   (resume takes optional config overrides as its body)
     DELETE /gcfg/v1/jobs/{id}
@@ -47,6 +47,7 @@ class TrainingHost:
     checkpoint_titles: Callable[[], list[str]]  # the WebUI's checkpoint list (dropdown choices)
     resolve_checkpoint: Callable[[str], str | None]  # a title or name from that list -> its file, else None
     devices: Callable[[], list[str]]  # device choices: "auto", "cpu", "cuda:0", ...
+    auto_device: str = "cpu"  # what "auto" means on this machine (the tab says so; CPU-only machines get CPU defaults)
 
 
 class RequestError(ValueError):
@@ -174,8 +175,8 @@ def add_job_routes(app: FastAPI, policy: access.AccessPolicy,
     def loss(job_id: str) -> Any:
         return guarded(lambda: {"id": job_id, "points": current().manager.loss_points(job_id)})
 
-    def loss_png(job_id: str) -> Any:
-        return guarded(lambda: Response(current().manager.loss_plot_png(job_id), media_type="image/png"))
+    def loss_png(job_id: str, theme: str = Query("light", regex="^(light|dark)$")) -> Any:  # noqa: B008
+        return guarded(lambda: Response(current().manager.loss_plot_png(job_id, theme=theme), media_type="image/png"))
 
     def preview_png(job_id: str) -> Any:
         def run():

@@ -47,10 +47,10 @@
         return [selected, sent];
     };
 
-    // Called by gradio before an action: [selected job, confirmed]; cancel and delete ask first.
-    window.gcfgTrainConfirm = function(action, selected) {
+    // Called by gradio before an action: [selected job, confirmed, sent state]; cancel and delete ask first.
+    window.gcfgTrainConfirm = function(action, selected, sent) {
         if (!selected) {
-            return [selected, false];
+            return [selected, false, sent];
         }
         const questions = {
             cancel: `Cancel training job "${selected}"? It ends at once without saving a checkpoint and cannot be resumed.`,
@@ -58,7 +58,7 @@
                 "A published concept model is kept.",
         };
         const question = questions[action];
-        return [selected, question === undefined ? true : window.confirm(question)];
+        return [selected, question === undefined ? true : window.confirm(question), sent];
     };
 
     function formatAge(iso) {

@@ -79,7 +79,8 @@ def _make_host() -> jobs_api.TrainingHost:
                          on_start=_unload_webui_model, on_finish=_reload_webui_model)
     return jobs_api.TrainingHost(manager=manager, policy=PathPolicy(dataset_roots(data_path)),
                                  checkpoint_titles=lambda: list(sd_models.checkpoint_tiles()),
-                                 resolve_checkpoint=_resolve_checkpoint, devices=_devices)
+                                 resolve_checkpoint=_resolve_checkpoint, devices=_devices,
+                                 auto_device=default_device)
 
 
 def _host() -> jobs_api.TrainingHost:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import io
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -114,6 +116,9 @@ def test_create_list_get_stop_resume_cancel_delete(client, host):
     assert stopped["actions"] == ["resume", "delete"]
     assert client.get(f"{PREFIX}/My_faces/loss").json()["points"][0] == {"step": 1, "loss": 1.0}
     assert client.get(f"{PREFIX}/My_faces/loss.png").content.startswith(b"\x89PNG")
+    dark = client.get(f"{PREFIX}/My_faces/loss.png", params={"theme": "dark"}).content
+    assert Image.open(io.BytesIO(dark)).convert("L").getpixel((1, 1)) < 40
+    assert client.get(f"{PREFIX}/My_faces/loss.png", params={"theme": "sepia"}).status_code == 422
     assert client.get(f"{PREFIX}/My_faces/preview.png").status_code == 404
     assert client.get(f"{PREFIX}/My_faces/log", params={"lines": 5}).status_code == 200
 

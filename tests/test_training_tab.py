@@ -132,27 +132,100 @@ def test_create_poll_and_actions(host):
         assert time.monotonic() < deadline
         host.manager.tick()
         time.sleep(0.05)
-    selected, sent, jobs, detail, loss, preview, log, stop, cancel, resume, delete = tab.poll("", {})
+    selected, sent, jobs, detail, loss, preview, log, status, stop, cancel, resume, delete = tab.poll("", {})
     assert selected == job_id and sent["job"] == job_id  # the running job is selected by default
     assert 'data-job-id="my_faces"' in jobs and "training" in detail
-    assert loss is not None and loss.size == (640, 300)
+    frame = loss["value"]
+    assert set(frame["series"]) == {"loss", "smoothed"} and frame["step"].max() >= 2
+    assert loss["y_lim"][0] < frame["loss"].min() and loss["y_lim"][1] > frame["loss"].max()
+    assert status == gr.update()  # no action yet: nothing to follow
     assert [b["interactive"] for b in (stop, cancel, resume, delete)] == [True, True, False, False]
     # unchanged images are not sent again
     again = tab.poll(selected, sent)
     assert again[5] == gr.update()
-    assert "Stopping" in tab.act("stop", selected)
+    line, sent = tab.act("stop", selected, True, sent)
+    assert "Stopping" in line and sent["action"]["job"] == job_id
     while host.manager.get(job_id).state != JobState.STOPPED:
         assert time.monotonic() < deadline
         host.manager.tick()
         time.sleep(0.05)
-    *_, stop, cancel, resume, delete = tab.poll(selected, sent)
+    selected, sent, *_, status, stop, cancel, resume, delete = tab.poll(selected, sent)
+    assert "stopped at step" in status and "Resume continues" in status  # the line followed the job
     assert [b["interactive"] for b in (stop, cancel, resume, delete)] == [False, False, True, True]
-    assert tab.act("delete", selected, False) == ""  # the confirm dialog said no
+    assert tab.act("delete", selected, False, sent)[0] == ""  # the confirm dialog said no
     assert host.manager.get(job_id).state == JobState.STOPPED
-    assert "cannot stop" in tab.act("stop", selected)
-    assert "Deleted" in tab.act("delete", selected, True)
+    assert "cannot stop" in tab.act("stop", selected, True, sent)[0]
+    assert "Deleted" in tab.act("delete", selected, True, sent)[0]
     assert tab.poll(selected, sent)[0] == ""
-    assert "Select a job first" in tab.act("resume", "")
+    assert "Select a job first" in tab.act("resume", "")[0]
+
+
+def test_the_status_line_follows_a_resumed_job_to_completion(host):
+    """After Resume the line said "queued to resume" for good (issue 14); it must end at "completed"."""
+    tab = TrainingTab(host)
+    tab.create(*tiny_form(tab, host, name="discs", max_steps=400))
+    deadline = time.monotonic() + 60
+    while host.manager.get("discs").step < 1:
+        assert time.monotonic() < deadline
+        host.manager.tick()
+        time.sleep(0.05)
+    host.manager.stop("discs")
+    while host.manager.get("discs").state != JobState.STOPPED:
+        assert time.monotonic() < deadline
+        host.manager.tick()
+        time.sleep(0.05)
+    line, sent = tab.act("resume", "discs", True, {"job": "discs"})
+    assert "queued to resume" in line
+    lines = []
+    while True:
+        host.manager.tick()
+        out = tab.poll("discs", sent)
+        sent, status = out[1], out[7]
+        if isinstance(status, str):
+            lines.append(status)
+        if host.manager.get("discs").state == JobState.COMPLETED and lines and "completed" in lines[-1]:
+            break
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.05)
+    assert "queued to resume" not in lines[-1] and 'data-state="completed"' in lines[-1]
+
+
+@pytest.mark.parametrize(("state", "changes", "text"), [
+    (JobState.QUEUED, {"queue_position": 2}, "is queued (position 2)."),
+    (JobState.TRAINING, {}, "is training: step 25/100."),
+    (JobState.CACHING, {"message": "caching latents 3 / 9"}, "is caching: caching latents 3 / 9"),
+    (JobState.STOPPING, {}, "is saving a checkpoint, then stops."),
+    (JobState.STOPPED, {}, "stopped at step 25; Resume continues from there."),
+    (JobState.COMPLETED, {"published": "/m/GCFG/a.safetensors"}, "completed 25 steps: concept model <code>/m/GCFG/"),
+    (JobState.FAILED, {"last_error": "disk <full>"}, "failed: disk &lt;full&gt;"),
+    (JobState.INTERRUPTED, {}, "was interrupted at step 25; Resume continues from the last checkpoint."),
+    (JobState.CANCELLED, {}, "was cancelled."),
+])
+def test_status_line_per_state(state, changes, text):
+    line = training_tab.status_line_html(_info(state=state, **changes))
+    assert text in line and f'data-state="{state.value}"' in line and "<b>a</b>" in line
+
+
+def test_device_choices_say_what_auto_means():
+    assert training_tab.device_choices(["auto", "cuda:0", "cpu"], "cuda:0") == ["auto → cuda:0", "cuda:0", "cpu"]
+    assert training_tab.device_value("auto → cpu") == "auto" and training_tab.device_value("cuda:1") == "cuda:1"
+
+
+def test_cpu_only_machines_get_a_run_a_cpu_can_finish(host):
+    assert host.auto_device == "cpu"
+    tab = TrainingTab(host)
+    assert tab.on_cpu and tab.defaults == training_tab.CPU_DEFAULTS
+    specs = {s.name: s for s in config_fields()}
+    assert widget_value(specs["mixed_precision"], tab.defaults) == "no"  # fp16 cannot run, bf16 crawls on CPUs
+    assert widget_value(specs["resolution"], tab.defaults) < specs["resolution"].default
+    assert "takes days here" in training_tab.cpu_warning_html()
+    gpu = TrainingTab(dataclasses.replace(host, auto_device="cuda:0"))
+    assert not gpu.on_cpu and gpu.defaults == {}  # the paper's settings
+    assert widget_value(specs["resolution"], gpu.defaults) == 512 and widget_value(specs["batch_size"]) == 32
+    # every CPU default is a valid config value
+    TrainConfig.from_dict({**{s.name: parse_widget(s, widget_value(s, tab.defaults)) for s in config_fields()
+                              if not s.required}, "name": "x", "dataset_dir": "d", "base_checkpoint": "b",
+                           "job_dir": "j"}).validate(check_paths=False)
 
 
 def test_build_wires_the_poll_through_javascript_without_the_queue(host):
@@ -164,14 +237,24 @@ def test_build_wires_the_poll_through_javascript_without_the_queue(host):
     assert len(confirms) == 4
     ids = {c["props"].get("elem_id") for c in blocks.config["components"]}
     assert {"gcfg_train_poll", "gcfg_train_jobs", "gcfg_train_start", "gcfg_train_learning_rate",
-            "gcfg_train_ema_decay", "gcfg_train_device", "gcfg_train_unload"} <= ids
+            "gcfg_train_ema_decay", "gcfg_train_device", "gcfg_train_unload", "gcfg_train_cpu_warning"} <= ids
+    props = {c["props"].get("elem_id"): c for c in blocks.config["components"]}
+    assert props["gcfg_train_loss"]["type"] == "plot"  # gradio serialises LinePlot as its plot component
+    assert props["gcfg_train_device"]["props"]["label"] == "Device"
+    assert props["gcfg_train_device"]["props"]["choices"][0] == "auto → cpu"
+    # one-line values are one-line inputs (gradio 3 renders <input> only with lines == max_lines == 1)
+    for elem_id in ("gcfg_train_name", "gcfg_train_dataset_dir", "gcfg_train_preview_seeds",
+                    "gcfg_train_preview_sampler"):
+        assert (props[elem_id]["props"]["lines"], props[elem_id]["props"]["max_lines"]) == (1, 1), elem_id
+    assert props["gcfg_train_preview_prompts"]["props"]["lines"] == 3
+    assert str(Path(host.policy.dataset_roots[0])) in props["gcfg_train_dataset_dir"]["props"]["info"]
 
 
 # --- the entry script on the fake WebUI host
 
 
 _WEBUI_BOUND = ("modules", "harness", "fake_runtime")  # top-level names bound to one fake WebUI instance
-_HOST_FREE = {"gcfg_webui", "gcfg_webui.api", "gcfg_webui.jobs_api", "gcfg_webui.training_tab"}
+_HOST_FREE = {"gcfg_webui", "gcfg_webui.access", "gcfg_webui.api", "gcfg_webui.jobs_api", "gcfg_webui.training_tab"}
 
 
 def _bound(name: str) -> bool:

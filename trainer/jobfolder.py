@@ -319,21 +319,31 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))]
 
 
+# (background, axis, grid, text, raw points, smoothed line) per theme; both keep the text at ≥ 7:1 contrast.
+PLOT_THEMES = {
+    "light": ((255, 255, 255), (60, 60, 60), (232, 232, 232), (33, 33, 33), (160, 190, 230), (25, 90, 180)),
+    "dark": ((24, 24, 27), (190, 190, 190), (58, 58, 64), (235, 235, 235), (70, 100, 150), (110, 170, 255)),
+}
+
+
 def render_loss_plot(events: Iterable[Mapping[str, Any]], *, width: int = 800, height: int = 400,
-                     smoothing: float | None = None) -> bytes:
+                     smoothing: float | None = None, theme: str = "light") -> bytes:
     """PNG of loss against step: raw points, smoothed curve, axes with round ticks; drawn 2× then downsampled.
 
-    `smoothing`: EMA weight of the curve; default adapts to the run length.
+    `smoothing`: EMA weight of the curve; default adapts to the run length. `theme`: "light" or "dark". Text is
+    sized for the image shown at its own size (at least 13 px labels at 800 px wide).
     """
+    if theme not in PLOT_THEMES:
+        raise ValueError(f"theme={theme!r} is not one of {', '.join(PLOT_THEMES)}")
     s = 2  # supersampling factor: PIL draws aliased lines
     W, H = width * s, height * s
-    img = Image.new("RGB", (W, H), (255, 255, 255))
+    background, axis, grid, text, raw_colour, line_colour = PLOT_THEMES[theme]
+    img = Image.new("RGB", (W, H), background)
     draw = ImageDraw.Draw(img)
-    font, small = _font(13 * s), _font(11 * s)
-    left, right, top, bottom = 70 * s, 20 * s, 34 * s, 46 * s
+    scale = max(1.0, width / 800)
+    font, small = _font(round(16 * scale) * s), _font(round(14 * scale) * s)
+    left, right, top, bottom = round(78 * scale) * s, 20 * s, round(40 * scale) * s, round(52 * scale) * s
     x0, x1, y0, y1 = left, W - right, top, H - bottom
-    axis, grid, text = (60, 60, 60), (232, 232, 232), (40, 40, 40)
-    raw_colour, line_colour = (160, 190, 230), (25, 90, 180)
 
     steps, losses = _loss_points(events)
     draw.text((x0, 10 * s), "training loss", fill=text, font=font)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from trainer.jobfolder import render_loss_plot, smooth
 
-PLOT_WIDTH, PLOT_HEIGHT = 640, 300
+PLOT_WIDTH, PLOT_HEIGHT = 800, 360
 
 
 class LossSeries:
@@ -79,7 +79,7 @@ class LossCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._series: dict[str, LossSeries] = {}
-        self._plots: dict[str, tuple[int, float, bytes]] = {}  # id -> (points, time, png)
+        self._plots: dict[tuple[str, str], tuple[int, float, bytes]] = {}  # (id, theme) -> (points, time, png)
 
     def points(self, job_id: str, events_path: Path) -> list[dict[str, float]]:
         with self._lock:
@@ -89,19 +89,21 @@ class LossCache:
             series.refresh()
             return list(series.points)
 
-    def png(self, job_id: str, events_path: Path, *, min_interval_s: float = 3.0) -> bytes:
+    def png(self, job_id: str, events_path: Path, *, min_interval_s: float = 3.0, theme: str = "light") -> bytes:
         """The loss curve as PNG, redrawn when new points arrived (at most every `min_interval_s`)."""
         points = self.points(job_id, events_path)
+        key = (job_id, theme)
         with self._lock:
-            cached = self._plots.get(job_id)
+            cached = self._plots.get(key)
             if cached and (cached[0] == len(points) or time.monotonic() - cached[1] < min_interval_s):
                 return cached[2]
-        png = render_loss_plot(points, width=PLOT_WIDTH, height=PLOT_HEIGHT)
+        png = render_loss_plot(points, width=PLOT_WIDTH, height=PLOT_HEIGHT, theme=theme)
         with self._lock:
-            self._plots[job_id] = (len(points), time.monotonic(), png)
+            self._plots[key] = (len(points), time.monotonic(), png)
         return png
 
     def forget(self, job_id: str) -> None:
         with self._lock:
             self._series.pop(job_id, None)
-            self._plots.pop(job_id, None)
+            for key in [k for k in self._plots if k[0] == job_id]:
+                del self._plots[key]

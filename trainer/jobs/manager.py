@@ -180,9 +180,11 @@ class JobManager:
         """Every (step, loss) point of the job so far."""
         return self.losses.points(job_id, JobFolder(self.job_path(job_id)).events_path)
 
-    def loss_plot_png(self, job_id: str, *, min_interval_s: float = 3.0) -> bytes:
-        """The loss curve as PNG, redrawn when new points arrived (at most every `min_interval_s`)."""
-        return self.losses.png(job_id, JobFolder(self.job_path(job_id)).events_path, min_interval_s=min_interval_s)
+    def loss_plot_png(self, job_id: str, *, min_interval_s: float = 3.0, theme: str = "light") -> bytes:
+        """The loss curve as PNG ("light" or "dark"), redrawn when new points arrived (at most every
+        `min_interval_s`)."""
+        return self.losses.png(job_id, JobFolder(self.job_path(job_id)).events_path, min_interval_s=min_interval_s,
+                               theme=theme)
 
     def latest_preview(self, job_id: str) -> Path | None:
         return self.store.latest_preview(self.job_path(job_id))
