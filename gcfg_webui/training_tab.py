@@ -196,20 +196,45 @@ def status_line_html(job: JobInfo) -> str:
     return f'<div class="gcfg-train-{kind}" data-state="{html.escape(state.value)}">{text}</div>'
 
 
-def loss_plot_value(points: Sequence[Mapping[str, float]]):
-    """The LinePlot update for `points`: raw and smoothed loss, y range robust to a few diverged steps."""
-    import gradio as gr
+LOSS_PLOT_HEIGHT = 260
+
+
+def loss_chart_spec(rows: Sequence[Mapping[str, object]], y_domain: tuple[float, float]) -> str:
+    """Vega-Lite JSON of the loss chart: raw losses as faint dots, the smoothed curve as a line, tooltips, zoom and
+    pan (drag, wheel; double-click resets), as wide as its box."""
+    import altair as alt
     import pandas as pd
 
+    color = alt.Color("series:N", scale=alt.Scale(domain=["loss", "smoothed"], range=[0, 1]),
+                      legend=alt.Legend(title=None, orient="top-right"))
+    x = alt.X("step:Q", title="step")
+    y = alt.Y("loss:Q", title="training loss", scale=alt.Scale(domain=list(y_domain), zero=False))
+    tooltip = [alt.Tooltip("step:Q"), alt.Tooltip("loss:Q", format=".4g"), alt.Tooltip("series:N")]
+    base = alt.Chart(pd.DataFrame(list(rows)))
+    raw = base.transform_filter(alt.datum.series == "loss").mark_circle(size=14, opacity=0.45, clip=True).encode(
+        x=x, y=y, color=color, tooltip=tooltip)
+    smoothed = base.transform_filter(alt.datum.series == "smoothed").mark_line(strokeWidth=2.5, clip=True).encode(
+        x=x, y=y, color=color, tooltip=tooltip)
+    chart = alt.layer(raw, smoothed).properties(width="container", height=LOSS_PLOT_HEIGHT, background="transparent",
+                                                padding={"top": 30, "left": 8, "right": 12, "bottom": 6})
+    return chart.interactive().to_json()
+
+
+def loss_plot_value(points: Sequence[Mapping[str, float]]) -> dict | None:
+    """The plot's value for `points`, y range robust to a few diverged steps; None when there are none yet.
+
+    Handed to gradio as an already built chart marked as a line chart ("chart": "line"), so gradio's front end
+    gives it the page's theme (light or dark text and grid) and palette, as it does for its own LinePlot.
+    """
     rows = plot_rows(list(points))
     if not rows:
-        return gr.update(value=None)
+        return None
     losses = sorted(r["loss"] for r in rows if r["series"] == "loss")
     smoothed = [r["loss"] for r in rows if r["series"] == "smoothed"]
     lo = min(losses[int(0.01 * (len(losses) - 1))], min(smoothed))
     hi = max(losses[math.ceil(0.99 * (len(losses) - 1))], max(smoothed))
     pad = 0.05 * (hi - lo) or 0.05 * (abs(hi) or 1)
-    return gr.update(value=pd.DataFrame(rows), y_lim=[lo - pad, hi + pad])
+    return {"type": "altair", "plot": loss_chart_spec(rows, (lo - pad, hi + pad)), "chart": "line"}
 
 
 def render_problems_html(problems: Sequence[tuple[str, str]]) -> str:
@@ -266,7 +291,7 @@ class TrainingTab:
         action = sent.get("action")  # {"job": id, "state": the state the status line describes}
         if job is None:
             if sent.get("job"):
-                loss, preview, log_text = gr.update(value=None), None, ""
+                loss, preview, log_text = None, None, ""
                 sent = {"action": action} if action else {}
         else:
             if sent.get("job") != job.id:
@@ -397,11 +422,8 @@ def build(host: TrainingHost):
                     delete = gr.Button("Delete", variant="stop", elem_id="gcfg_train_delete", interactive=False)
                 action_message = gr.HTML(elem_id="gcfg_train_action_message")
                 detail = gr.HTML(render_detail_html(None), elem_id="gcfg_train_detail")
-                loss = gr.LinePlot(x="step", y="loss", color="series", title=None, x_title="step",
-                                   y_title="training loss", tooltip=["step", "loss", "series"],
-                                   color_legend_title="", color_legend_position="top-right", height=280,
-                                   label="Loss (drag to pan, scroll to zoom, double-click to reset)",
-                                   show_label=True, elem_id="gcfg_train_loss")
+                loss = gr.LinePlot(x="step", y="loss", show_label=True, elem_id="gcfg_train_loss",
+                                   label="Loss (drag to pan, scroll to zoom, double-click to reset)")
                 preview = gr.Image(label="Latest preview", interactive=False, elem_id="gcfg_train_preview",
                                    height=320)
                 log_box = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False,

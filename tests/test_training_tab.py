@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib.util
+import json
 import sys
 import time
 from pathlib import Path
@@ -135,9 +136,12 @@ def test_create_poll_and_actions(host):
     selected, sent, jobs, detail, loss, preview, log, status, stop, cancel, resume, delete = tab.poll("", {})
     assert selected == job_id and sent["job"] == job_id  # the running job is selected by default
     assert 'data-job-id="my_faces"' in jobs and "training" in detail
-    frame = loss["value"]
-    assert set(frame["series"]) == {"loss", "smoothed"} and frame["step"].max() >= 2
-    assert loss["y_lim"][0] < frame["loss"].min() and loss["y_lim"][1] > frame["loss"].max()
+    assert loss["type"] == "altair" and loss["chart"] == "line"  # gradio themes it like its own LinePlot
+    spec = json.loads(loss["plot"])  # the Vega-Lite chart the browser draws
+    [rows] = spec["datasets"].values()
+    assert {r["series"] for r in rows} == {"loss", "smoothed"} and max(r["step"] for r in rows) >= 2
+    low, high = spec["layer"][0]["encoding"]["y"]["scale"]["domain"]
+    assert low < min(r["loss"] for r in rows) and high > max(r["loss"] for r in rows)
     assert status == gr.update()  # no action yet: nothing to follow
     assert [b["interactive"] for b in (stop, cancel, resume, delete)] == [True, True, False, False]
     # unchanged images are not sent again
