@@ -207,11 +207,11 @@ def loss_chart_spec(rows: Sequence[Mapping[str, object]], y_domain: tuple[float,
 
     color = alt.Color("series:N", scale=alt.Scale(domain=["loss", "smoothed"], range=[0, 1]),
                       legend=alt.Legend(title=None, orient="top-right"))
-    x = alt.X("step:Q", title="step")
+    x = alt.X("step:Q", title="step", axis=alt.Axis(tickMinStep=1, format="d", labelOverlap=True))
     y = alt.Y("loss:Q", title="training loss", scale=alt.Scale(domain=list(y_domain), zero=False))
     tooltip = [alt.Tooltip("step:Q"), alt.Tooltip("loss:Q", format=".4g"), alt.Tooltip("series:N")]
     base = alt.Chart(pd.DataFrame(list(rows)))
-    raw = base.transform_filter(alt.datum.series == "loss").mark_circle(size=14, opacity=0.45, clip=True).encode(
+    raw = base.transform_filter(alt.datum.series == "loss").mark_circle(size=18, opacity=0.6, clip=True).encode(
         x=x, y=y, color=color, tooltip=tooltip)
     smoothed = base.transform_filter(alt.datum.series == "smoothed").mark_line(strokeWidth=2.5, clip=True).encode(
         x=x, y=y, color=color, tooltip=tooltip)
