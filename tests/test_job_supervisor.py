@@ -9,6 +9,7 @@ import time
 
 import psutil
 import pytest
+from waiting import BACKSTOP_S, wait_until
 
 from trainer.jobfolder import JobFolder
 from trainer.jobs import supervisor
@@ -62,7 +63,7 @@ def test_kill_tree_posix_also_signals_the_process_group():
     try:
         killed = kill_tree(proc.pid, os_name="posix", killpg=lambda pid, sig: groups.append((pid, sig)))
         assert groups == [(proc.pid, signal.SIGKILL)] and killed == [proc.pid]
-        assert proc.wait(timeout=10) == -signal.SIGKILL
+        assert proc.wait(timeout=BACKSTOP_S) == -signal.SIGKILL
     finally:
         proc.kill()
 
@@ -78,8 +79,8 @@ def test_kill_tree_portable_path_reaches_descendants_in_other_sessions():
     try:
         killed = kill_tree(parent.pid, os_name="nt")  # the Windows path: no process groups at all
         assert set(killed) == {parent.pid, child.pid}
-        child.wait(timeout=10)
-        parent.wait(timeout=10)
+        child.wait(timeout=BACKSTOP_S)
+        parent.wait(timeout=BACKSTOP_S)
     finally:
         for p in (parent, child):
             if p.poll() is None if isinstance(p, subprocess.Popen) else p.is_running():
@@ -126,8 +127,5 @@ def test_a_started_trainer_finds_no_stop_file_left_from_before(tmp_path):
     sup = ProcessSupervisor(LaunchSpec(python=sys.executable, module="this_module_does_not_exist"))
     handle = sup.start("job", (), job.path, job.path / "process.log")
     assert not job.stop_request_path.exists()
-    deadline = time.monotonic() + 30
-    while not sup.reap("job")[0]:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_until(lambda: sup.reap("job")[0], "the trainer process to end")
     assert handle.pid > 0 and "No module named this_module_does_not_exist" in (job.path / "process.log").read_text()

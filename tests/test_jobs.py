@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import pytest
 from PIL import Image
+from waiting import BACKSTOP_S
 
 from trainer import jobs
 from trainer.config import ConfigError
@@ -549,7 +550,7 @@ def test_cancel_ends_the_whole_process_tree(fake_manager, fake_env):
     try:
         assert helper.is_running()
         manager.cancel("tiny")
-        helper.wait(timeout=10)  # it left the trainer's process group, so only a tree kill reaches it
+        helper.wait(timeout=BACKSTOP_S)  # it left the trainer's process group, so only a tree kill reaches it
     finally:
         if helper.is_running():
             helper.kill()
@@ -590,10 +591,10 @@ def test_managers_of_one_root_exclude_each_other_without_fcntl(fake_manager, fak
         worker.start()
         assert not done.wait(0.5), "the manager did not wait for the other process's lock"
         release.touch()
-        assert done.wait(30)
+        assert done.wait(BACKSTOP_S)
     finally:
         release.touch()
-        holder.wait(timeout=30)
+        holder.wait(timeout=BACKSTOP_S)
 
 
 # --- publishing

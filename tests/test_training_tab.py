@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from waiting import wait_until
 
 from gcfg_webui import training_tab
 from gcfg_webui.jobs_api import TrainingHost
@@ -167,30 +168,29 @@ def test_create_poll_and_actions(host):
 def test_the_status_line_follows_a_resumed_job_to_completion(host):
     """After Resume the line said "queued to resume" for good (issue 14); it must end at "completed"."""
     tab = TrainingTab(host)
-    tab.create(*tiny_form(tab, host, name="discs", max_steps=400))
-    deadline = time.monotonic() + 60
-    while host.manager.get("discs").step < 1:
-        assert time.monotonic() < deadline
+    tab.create(*tiny_form(tab, host, name="discs", max_steps=60))
+
+    def reached(predicate):
         host.manager.tick()
-        time.sleep(0.05)
+        return predicate(host.manager.get("discs"))
+
+    wait_until(lambda: reached(lambda j: j.step >= 1), "a first step")
     host.manager.stop("discs")
-    while host.manager.get("discs").state != JobState.STOPPED:
-        assert time.monotonic() < deadline
-        host.manager.tick()
-        time.sleep(0.05)
+    wait_until(lambda: reached(lambda j: j.state == JobState.STOPPED), "the stop")
     line, sent = tab.act("resume", "discs", True, {"job": "discs"})
     assert "queued to resume" in line
     lines = []
-    while True:
+
+    def completed_line():
+        nonlocal sent
         host.manager.tick()
         out = tab.poll("discs", sent)
-        sent, status = out[1], out[7]
-        if isinstance(status, str):
-            lines.append(status)
-        if host.manager.get("discs").state == JobState.COMPLETED and lines and "completed" in lines[-1]:
-            break
-        assert time.monotonic() < deadline, lines
-        time.sleep(0.05)
+        sent = out[1]
+        if isinstance(out[7], str):
+            lines.append(out[7])
+        return lines and "completed" in lines[-1]
+
+    wait_until(completed_line, "the status line to say completed", describe=lambda: str(lines))
     assert "queued to resume" not in lines[-1] and 'data-state="completed"' in lines[-1]
 
 
