@@ -164,3 +164,23 @@ def test_loss_plot_themes_and_legible_text():
     assert rows and rows[-1] - rows[0] + 1 >= 10
     with pytest.raises(ValueError, match="theme='sepia'"):
         render_loss_plot(events, theme="sepia")
+
+
+def test_without_a_sized_default_font_the_plot_uses_a_bundled_truetype_font(monkeypatch):
+    """Pillow 9.5 (the WebUI 1.10.1 pin) has no `load_default(size=)`: the labels must not shrink to the bitmap font."""
+    from PIL import ImageFont
+
+    from trainer import jobfolder
+
+    real = ImageFont.load_default
+
+    def old_pillow(*args, **kwargs):
+        if args or kwargs:
+            raise TypeError("load_default() got an unexpected keyword argument 'size'")
+        return real()
+
+    monkeypatch.setattr(ImageFont, "load_default", old_pillow)
+    font = jobfolder._font(28)
+    if jobfolder._bundled_ttf() is None:
+        pytest.skip("matplotlib is not installed here")
+    assert isinstance(font, ImageFont.FreeTypeFont) and font.size == 28

@@ -298,11 +298,30 @@ def tick_labels(ticks: Sequence[float]) -> list[str]:
     return [f"{t:.{decimals}f}" for t in ticks]
 
 
+def _bundled_ttf() -> str | None:
+    """A TrueType font that ships with matplotlib (gradio's dependency, so in every WebUI venv), found without
+    importing matplotlib."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "mpl-data", "fonts", "ttf", "DejaVuSans.ttf")
+    return path if os.path.isfile(path) else None
+
+
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or without FreeType: bitmap font
-        return ImageFont.load_default()
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 (WebUI 1.10.1 pins 9.5) has no sized default font
+        pass
+    ttf = _bundled_ttf()
+    if ttf is not None:
+        try:
+            return ImageFont.truetype(ttf, size)
+        except (OSError, ImportError):  # Pillow without FreeType
+            pass
+    return ImageFont.load_default()  # a small bitmap font: still readable, not at this size
 
 
 def _loss_points(events: Iterable[Mapping[str, Any]]) -> tuple[list[float], list[float]]:
