@@ -271,9 +271,11 @@ class TrainingTab:
 
     # --- live view
 
-    def poll(self, selected: str | None, sent: dict | None, message: Any = None) -> tuple[Any, ...]:
+    def poll(self, selected: str | None, sent: dict | None, followed: dict | None = None) -> tuple[Any, ...]:
         """Everything the live view shows; the plot, preview and log are only re-sent when they changed (see
-        `sent`), and the status line under the buttons follows the state of the job the last action was on."""
+        `sent`). The status line under the buttons follows the job of the last action: `followed` is {"job", "state"}
+        as the action left it (written by `act` only, so a poll that overlaps an action cannot lose it); once that
+        job's state differs, every poll shows the line for its current state."""
         import gradio as gr
 
         sent = dict(sent or {})
@@ -288,14 +290,12 @@ class TrainingTab:
         preview: Any = gr.update()
         log_text: Any = gr.update()
         status: Any = gr.update()
-        action = sent.get("action")  # {"job": id, "state": the state the status line describes}
         if job is None:
             if sent.get("job"):
-                loss, preview, log_text = None, None, ""
-                sent = {"action": action} if action else {}
+                loss, preview, log_text, sent = None, None, "", {}
         else:
             if sent.get("job") != job.id:
-                sent = {"job": job.id, **({"action": action} if action else {})}
+                sent = {"job": job.id}
             points = self.host.manager.loss_points(job.id)
             if sent.get("loss") != len(points):
                 loss, sent["loss"] = loss_plot_value(points), len(points)
@@ -306,9 +306,10 @@ class TrainingTab:
             text = self.host.manager.log_tail(job.id, 80)
             if sent.get("log") != text:
                 log_text, sent["log"] = text, text
-        if action and action.get("job") in by_id and by_id[action["job"]].state.value != action.get("state"):
-            followed = by_id[action["job"]]
-            status, sent["action"] = status_line_html(followed), {"job": followed.id, "state": followed.state.value}
+        followed = followed or {}
+        target = by_id.get(followed.get("job") or "")
+        if target is not None and target.state.value != followed.get("state"):
+            status = status_line_html(target)
         actions = set(job.actions) if job else set()
         buttons = [gr.update(interactive=action in actions) for action in
                    (JobAction.STOP, JobAction.CANCEL, JobAction.RESUME, JobAction.DELETE)]
@@ -316,14 +317,14 @@ class TrainingTab:
                 status, *buttons)
 
     def act(self, action: str, selected: str | None, confirmed: Any = True,
-            sent: dict | None = None) -> tuple[str, dict]:
-        """Run a job action on the selected job; returns (the status line html, `sent` with the job and state
-        the line describes, so later polls move it on with the job)."""
-        sent = dict(sent or {})
+            followed: dict | None = None) -> tuple[str, dict]:
+        """Run a job action on the selected job; returns (the status line html, the job and state the line
+        describes, for `poll` to move the line on with the job)."""
+        followed = dict(followed or {})
         if not selected:
-            return '<div class="gcfg-train-problems">Select a job first.</div>', sent
+            return '<div class="gcfg-train-problems">Select a job first.</div>', followed
         if confirmed is False:
-            return "", sent
+            return "", followed
         manager = self.host.manager
         name = f"<b>{html.escape(selected)}</b>"
         try:
@@ -338,14 +339,13 @@ class TrainingTab:
                 text = f"{name} is queued to resume."
             elif action == JobAction.DELETE.value:
                 manager.delete(selected)
-                sent.pop("action", None)
-                return f'<div class="gcfg-train-ok">Deleted {name}.</div>', sent
+                return f'<div class="gcfg-train-ok">Deleted {name}.</div>', {}
             else:
                 raise JobError("action", f"unknown action {action!r}")
         except JobError as e:
-            return f'<div class="gcfg-train-problems">{html.escape(str(e))}</div>', sent
-        sent["action"] = {"job": info.id, "state": info.state.value}
-        return f'<div class="gcfg-train-ok" data-state="{html.escape(info.state.value)}">{text}</div>', sent
+            return f'<div class="gcfg-train-problems">{html.escape(str(e))}</div>', followed
+        followed = {"job": info.id, "state": info.state.value}
+        return f'<div class="gcfg-train-ok" data-state="{html.escape(info.state.value)}">{text}</div>', followed
 
 
 def _widget(gr, spec: FieldSpec, defaults: Mapping[str, Any]):
@@ -430,21 +430,24 @@ def build(host: TrainingHost):
                                      elem_id="gcfg_train_log")
         selected = gr.Textbox(visible=False, elem_id="gcfg_train_selected")
         sent = gr.State({})
+        followed = gr.State({})  # the job of the last action and its state then; written by the actions only
         poll = gr.Button(visible=False, elem_id=POLL_BUTTON_ID)
 
         poll_outputs = [selected, sent, jobs_html, detail, loss, preview, log_box, action_message,
                         stop, cancel, resume, delete]
-        poll.click(fn=tab.poll, _js="gcfgTrainPollArgs", inputs=[selected, sent], outputs=poll_outputs,
+        poll.click(fn=tab.poll, _js="gcfgTrainPollArgs", inputs=[selected, sent, followed], outputs=poll_outputs,
                    show_progress="hidden", queue=False)
         refresh_checkpoints.click(fn=lambda: gr.update(choices=host.checkpoint_titles()), inputs=[], outputs=[base],
                                   show_progress="hidden", queue=False)
         start.click(fn=tab.create, inputs=[name, dataset_dir, base, device, unload, *main_widgets, *advanced_widgets],
                     outputs=[form_message, selected], queue=False).then(
-            fn=tab.poll, inputs=[selected, sent], outputs=poll_outputs, show_progress="hidden", queue=False)
+            fn=tab.poll, inputs=[selected, sent, followed], outputs=poll_outputs, show_progress="hidden", queue=False)
         for button, action in ((stop, "stop"), (cancel, "cancel"), (resume, "resume"), (delete, "delete")):
             confirmed = gr.Checkbox(visible=False, value=True)
-            button.click(fn=lambda sel, ok, snt, action=action: tab.act(action, sel, ok, snt),
-                         _js=f"(sel, ok, snt) => gcfgTrainConfirm({action!r}, sel, snt)",
-                         inputs=[selected, confirmed, sent], outputs=[action_message, sent], queue=False).then(
-                fn=tab.poll, inputs=[selected, sent], outputs=poll_outputs, show_progress="hidden", queue=False)
+            button.click(fn=lambda sel, ok, fol, action=action: tab.act(action, sel, ok, fol),
+                         _js=f"(sel, ok, fol) => gcfgTrainConfirm({action!r}, sel, fol)",
+                         inputs=[selected, confirmed, followed], outputs=[action_message, followed],
+                         queue=False).then(
+                fn=tab.poll, inputs=[selected, sent, followed], outputs=poll_outputs, show_progress="hidden",
+                queue=False)
     return blocks

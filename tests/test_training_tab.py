@@ -148,19 +148,20 @@ def test_create_poll_and_actions(host):
     # unchanged images are not sent again
     again = tab.poll(selected, sent)
     assert again[5] == gr.update()
-    line, sent = tab.act("stop", selected, True, sent)
-    assert "Stopping" in line and sent["action"]["job"] == job_id
+    line, followed = tab.act("stop", selected, True, {})
+    assert "Stopping" in line and followed == {"job": job_id, "state": "training"}
     while host.manager.get(job_id).state != JobState.STOPPED:
         assert time.monotonic() < deadline
         host.manager.tick()
         time.sleep(0.05)
-    selected, sent, *_, status, stop, cancel, resume, delete = tab.poll(selected, sent)
-    assert "stopped at step" in status and "Resume continues" in status  # the line followed the job
+    selected, sent, *_, status, stop, cancel, resume, delete = tab.poll(selected, {}, followed)
+    assert "stopped at step" in status and "Resume continues" in status  # the line followed the job, even with a
+    # `sent` from a poll that started before the action (it knows nothing of the action)
     assert [b["interactive"] for b in (stop, cancel, resume, delete)] == [False, False, True, True]
-    assert tab.act("delete", selected, False, sent)[0] == ""  # the confirm dialog said no
+    assert tab.act("delete", selected, False, followed)[0] == ""  # the confirm dialog said no
     assert host.manager.get(job_id).state == JobState.STOPPED
-    assert "cannot stop" in tab.act("stop", selected, True, sent)[0]
-    assert "Deleted" in tab.act("delete", selected, True, sent)[0]
+    assert "cannot stop" in tab.act("stop", selected, True, followed)[0]
+    assert "Deleted" in tab.act("delete", selected, True, followed)[0]
     assert tab.poll(selected, sent)[0] == ""
     assert "Select a job first" in tab.act("resume", "")[0]
 
@@ -177,14 +178,15 @@ def test_the_status_line_follows_a_resumed_job_to_completion(host):
     wait_until(lambda: reached(lambda j: j.step >= 1), "a first step")
     host.manager.stop("discs")
     wait_until(lambda: reached(lambda j: j.state == JobState.STOPPED), "the stop")
-    line, sent = tab.act("resume", "discs", True, {"job": "discs"})
+    line, followed = tab.act("resume", "discs", True, {})
     assert "queued to resume" in line
     lines = []
+    sent = {}
 
     def completed_line():
         nonlocal sent
         host.manager.tick()
-        out = tab.poll("discs", sent)
+        out = tab.poll("discs", sent, followed)
         sent = out[1]
         if isinstance(out[7], str):
             lines.append(out[7])
