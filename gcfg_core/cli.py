@@ -10,7 +10,7 @@ trainer, without downloading a model; it generates noise, not pictures.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import logging
 import re
 import sys
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from gcfg_core.console import ldm_chatter_filtered
 from gcfg_core.params import PARAMS_BY_NAME, GCFGSettings
 from gcfg_core.syntax import TermSyntaxError, format_terms, parse_terms
 
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--negative-prompt", default="", help="the negative prompt (default: empty)")
     prompts.add_argument("--negative-scale", type=_scale, default=None,
                          help="negative prompt weight, or 'classic' (1 - CFG scale) (default: classic)")
+    prompts.add_argument("--uncond-prompt", choices=PARAMS_BY_NAME["uncond_prompt"].choices,
+                         default=PARAMS_BY_NAME["uncond_prompt"].default,
+                         help=PARAMS_BY_NAME["uncond_prompt"].help)
     prompts.add_argument("--term", action="append", default=[], metavar="TERM",
                          help="extra term, repeatable: '<weight> [@model] [{start-end}] <prompt>', e.g. "
                               "'+4 in Van Gogh style' (default: none)")
@@ -95,10 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, default=None, help="sampling steps (default: 20, or 8 with --demo)")
     run.add_argument("--cfg-scale", type=float, default=7.0, help="weight of the prompt")
     run.add_argument("--seed", type=int, default=-1, help="-1 = random; image i uses seed + i")
-    run.add_argument("--width", type=int, default=None, help="pixels, a multiple of 64 (default: 512, or 64 with "
-                     "--demo)")
-    run.add_argument("--height", type=int, default=None, help="pixels, a multiple of 64 (default: 512, or 64 with "
-                     "--demo)")
+    run.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 as in the WebUI (default: 512, "
+                     "or 64 with --demo)")
+    run.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 as in the WebUI (default: "
+                     "512, or 64 with --demo)")
     run.add_argument("--batch-size", type=int, default=1, help="images per run")
     _add_sdxl_size_arguments(sample)
     run.add_argument("--clip-skip", type=int, default=1, help="use the CLIP text encoder's n-th last layer")
@@ -219,11 +223,20 @@ def _prediction_overrides(values: Sequence[str], roles: set[str]):
     return overrides
 
 
-def _load_models(args: argparse.Namespace):
-    """(prior, main, concept UNet, {name: checkpoint}); files are checked to exist and match before any is loaded."""
+@dataclasses.dataclass(frozen=True)
+class _ModelFiles:
+    """The checked model files of a run: extra checkpoints by name, parameterisation overrides by role, the main
+    model's family."""
+
+    checkpoints: dict
+    overrides: dict
+    main_family: object
+
+
+def _check_model_files(args: argparse.Namespace) -> _ModelFiles:
+    """Every model file exists, the overrides parse and the families match, from the headers alone."""
     from gcfg_core.checkpoint import ModelFamily, base_family
-    from gcfg_core.concept_file import load_concept_model
-    from gcfg_core.model_files import file_family, load_checkpoint, require_matching_files
+    from gcfg_core.model_files import file_family, require_matching_files
 
     if args.prior is None:
         raise CliError("--prior PATH is required (or use --demo)")
@@ -245,33 +258,87 @@ def _load_models(args: argparse.Namespace):
     if args.concept is not None and base_family(main_family) is not ModelFamily.SD1:
         raise CliError(f"--concept {args.concept}: concept models are SD 1.x UNets, but the main model {main_path} is "
                        f"{main_family.label}")
+    return _ModelFiles(checkpoints, overrides, main_family)
+
+
+def _load_models(args: argparse.Namespace, files: _ModelFiles):
+    """(prior, main, concept UNet or None, the concept's infotext name, {name: checkpoint})."""
+    from gcfg_core.concept_file import concept_label, load_concept_model
+    from gcfg_core.model_files import load_checkpoint
 
     def load(path: Path, role: str):
-        return load_checkpoint(path, device=args.device, parameterization=overrides.get(role))
+        return load_checkpoint(path, device=args.device, parameterization=files.overrides.get(role))
 
     prior = load(args.prior, "prior")
     main = load(args.model, "main") if args.model else prior
-    extras = {name: load(path, name) for name, path in checkpoints.items()}
-    concept = None
-    if args.concept is not None:
-        concept, _metadata = load_concept_model(args.concept, device=args.device)
-    return prior, main, concept, extras
+    extras = {name: load(path, name) for name, path in files.checkpoints.items()}
+    if args.concept is None:
+        return prior, main, None, "", extras
+    concept, metadata = load_concept_model(args.concept, device=args.device)
+    return prior, main, concept, concept_label(args.concept, metadata), extras
 
 
-def _sdxl_size(args: argparse.Namespace, main, width: int, height: int):
+def _sdxl_size(args: argparse.Namespace, main_family, width: int, height: int):
+    """The size conditioning the flags give, for an SDXL main model (None: the image's own size, crop 0,0)."""
+    from gcfg_core.checkpoint import ModelFamily, base_family
     from gcfg_core.conditioning import SizeConditioning
-    from gcfg_core.sdxl import SDXLModel
 
     given = [flag for flag, value in (("--original-size", args.original_size), ("--target-size", args.target_size),
                                       ("--crop-top-left", args.crop_top_left)) if value is not None]
     if not given:
         return None
-    if not isinstance(main, SDXLModel):
-        raise CliError(f"{', '.join(given)}: size conditioning applies to SDXL models; {main.name!r} is "
-                       f"{main.family.label}")
+    if base_family(main_family) is not ModelFamily.SDXL:
+        raise CliError(f"{', '.join(given)}: size conditioning applies to SDXL models; the main model is "
+                       f"{main_family.label}")
     original = args.original_size or (width, height)
     target = args.target_size or (width, height)
     return SizeConditioning((original[1], original[0]), args.crop_top_left or (0, 0), (target[1], target[0]))
+
+
+# Request and settings fields -> the flag that sets them, for messages; a message starting with the key is about it.
+_FLAGS = {"cfg_scale": "--cfg-scale", "steps": "--steps", "batch_size": "--batch-size", "clip_skip": "--clip-skip",
+          "width": "--width", "height": "--height", "seed": "--seed", "concept_weight": "--concept-weight",
+          "negative_scale": "--negative-scale", "unknown sampler": "--sampler:",
+          "unknown schedule type": "--scheduler:"}
+
+
+def _named_by_flag(error: ValueError) -> CliError:
+    message = str(error)
+    for key, flag in _FLAGS.items():
+        if message.startswith(key):
+            return CliError(f"{flag} {message}" if flag.endswith(":") else flag + message[len(key):])
+    return CliError(message)
+
+
+def _checked_request(args: argparse.Namespace, settings: GCFGSettings, prompt: str):
+    """The request the flags describe; a bad value is a `CliError` naming its flag (no model needed)."""
+    from gcfg_core.pipeline import GenerationRequest
+
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise CliError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    demo_size = 64 if args.demo else 512
+    try:
+        return GenerationRequest(
+            prompt=prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
+            steps=args.steps if args.steps is not None else (8 if args.demo else 20),
+            sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
+            width=args.width if args.width is not None else demo_size,
+            height=args.height if args.height is not None else demo_size,
+            batch_size=args.batch_size, clip_skip=args.clip_skip, gcfg=settings,
+        )
+    except ValueError as error:
+        raise _named_by_flag(error) from None
+
+
+def _checked_settings(args: argparse.Namespace) -> GCFGSettings:
+    terms = _terms_text(args.term)
+    try:
+        return GCFGSettings(enabled=True, concept_weight=args.concept_weight, negative_scale=args.negative_scale,
+                            terms=terms, uncond_prompt=args.uncond_prompt)
+    except ValueError as error:
+        raise _named_by_flag(error) from None
 
 
 def _next_index(out: Path) -> int:
@@ -280,38 +347,31 @@ def _next_index(out: Path) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> list[Path]:
-    from gcfg_core.pipeline import GenerationRequest, generate
+    from gcfg_core.fileio import folder_write_problem
+    from gcfg_core.pipeline import generate
     from gcfg_core.pngmeta import save_png
 
-    demo_size = 64 if args.demo else 512
+    # Every value, the output folder and the model files are checked before any model is loaded.
+    prompt = args.prompt if args.prompt is not None else (DEMO_PROMPT if args.demo else "")
+    request = _checked_request(args, _checked_settings(args), prompt)
+    problem = folder_write_problem(args.out)
+    if problem:
+        raise CliError(f"--out {str(args.out)!r}: cannot write there ({problem})")
+    if not args.demo:
+        files = _check_model_files(args)
+        request = dataclasses.replace(request, sdxl_size=_sdxl_size(args, files.main_family, request.width,
+                                                                    request.height))
+
     if args.demo:
         prior, main, concept = _demo_models()
         extras: dict = {}
         concept_name = "demo-concept"
     else:
-        prior, main, concept, extras = _load_models(args)
-        concept_name = args.concept.name if args.concept else ""
-    prompt = args.prompt if args.prompt is not None else (DEMO_PROMPT if args.demo else "")
-    settings = GCFGSettings(
-        enabled=True,
-        prior=prior.name if main is not prior else "",
-        concept=concept_name if concept is not None else "",
-        concept_weight=args.concept_weight,
-        negative_scale=args.negative_scale,
-        terms=_terms_text(args.term),
-    )
-    width = args.width if args.width is not None else demo_size
-    height = args.height if args.height is not None else demo_size
-    request = GenerationRequest(
-        prompt=prompt, negative_prompt=args.negative_prompt, cfg_scale=args.cfg_scale,
-        steps=args.steps if args.steps is not None else (8 if args.demo else 20),
-        sampler=args.sampler, scheduler=args.scheduler, seed=args.seed, width=width, height=height,
-        batch_size=args.batch_size, clip_skip=args.clip_skip, gcfg=settings,
-        sdxl_size=_sdxl_size(args, main, width, height),
-    )
+        prior, main, concept, concept_name, extras = _load_models(args, files)
+    settings = dataclasses.replace(request.gcfg, prior=prior.name if main is not prior else "", concept=concept_name)
+    request = dataclasses.replace(request, gcfg=settings)
     result = generate(request, prior=prior, main=main, concept_unet=concept, extra_models=extras,
                       progress=not args.no_progress)
-    args.out.mkdir(parents=True, exist_ok=True)
     start = _next_index(args.out)
     paths = []
     for offset, (image, seed, infotext) in enumerate(zip(result.images, result.seeds, result.infotexts, strict=True)):
@@ -324,8 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, stream=sys.stderr,
                         format="%(name)s: %(message)s")
     try:
-        # ldm prints build messages on stdout, which is reserved for the saved paths.
-        with contextlib.redirect_stdout(sys.stderr):
+        # stdout is reserved for the saved paths: anything printed goes to stderr, ldm's build messages only
+        # with --verbose.
+        with ldm_chatter_filtered(verbose=getattr(args, "verbose", False), target=sys.stderr):
             if args.command == "random-checkpoint":
                 paths = [write_random_checkpoint(args.out, architecture=args.architecture, seed=args.seed)]
             else:

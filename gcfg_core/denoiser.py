@@ -10,6 +10,8 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gcfg_core.coefficients import step_coefficients
@@ -32,6 +34,44 @@ class Denoiser(Protocol):
     def __call__(self, x: Tensor, sigma: Tensor, *, context: Tensor | SDXLConditioning | None = None) -> Tensor: ...
 
 
+def unet_size_multiple(unet: nn.Module) -> int | None:
+    """The side multiple an ldm `UNetModel` needs for its plain forward: 2 ** (its downsampling layers); None for
+    other modules."""
+    from ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel
+
+    if not isinstance(unet, UNetModel):
+        return None
+    return 2 ** sum(isinstance(m, Downsample) for block in unet.input_blocks for m in block)
+
+
+def _resized_to(h: Tensor, skip: Tensor) -> Tensor:
+    return h if h.shape[-2:] == skip.shape[-2:] else F.interpolate(h, size=skip.shape[-2:], mode="nearest")
+
+
+def unet_forward_any_size(unet: nn.Module, x: Tensor, timesteps: Tensor, context: Tensor | None = None) -> Tensor:
+    """An ldm `UNetModel`'s forward for latents of any size, e.g. 9×9 for a 72-px image.
+
+    Each downsampling rounds odd sides up, so the upsampled features can come out one larger than the skip
+    connection they are joined with (9 → 5 → 3 → 2 → 4, against a skip of 3). Here they are resized to the
+    skip's size (nearest) before the join, which is what the WebUI does to accept image sides in multiples of
+    8 rather than 64. For sides the plain forward handles, the result equals it.
+    """
+    from ldm.modules.diffusionmodules.util import timestep_embedding
+
+    if getattr(unet, "num_classes", None) is not None:
+        raise ValueError("class-conditional UNets are not supported at sizes off the 64-px grid")
+    emb = unet.time_embed(timestep_embedding(timesteps, unet.model_channels, repeat_only=False))
+    h, skips = x.type(unet.dtype), []
+    for block in unet.input_blocks:
+        h = block(h, emb, context)
+        skips.append(h)
+    h = unet.middle_block(h, emb, context)
+    for block in unet.output_blocks:
+        skip = skips.pop()
+        h = block(torch.cat([_resized_to(h, skip), skip], dim=1), emb, context)
+    return unet.out(h.type(x.dtype))
+
+
 class UNetDenoiser(nn.Module):
     """k-diffusion wrapper of a UNet ``unet(x_t, t, context=...[, y=...])`` on its own DDPM schedule ``alphas_cumprod``.
 
@@ -48,6 +88,7 @@ class UNetDenoiser(nn.Module):
         super().__init__()
         _, external = k_diffusion_modules()
         self.unet = unet
+        self.size_multiple = unet_size_multiple(unet)
         self.prediction = Prediction(prediction)
         alphas_cumprod = alphas_cumprod.detach().float().cpu()
         self.schedule = external.DiscreteSchedule(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5, quantize)
@@ -72,6 +113,8 @@ class UNetDenoiser(nn.Module):
         t = self.schedule.sigma_to_t(sigma).to(x.device)
         if isinstance(context, SDXLConditioning):
             output = self.unet(x * c_in, t, context=context.crossattn, y=context.vector)
+        elif self.size_multiple and any(side % self.size_multiple for side in x.shape[-2:]):
+            output = unet_forward_any_size(self.unet, x * c_in, t, context=context)
         else:
             output = self.unet(x * c_in, t, context=context)
         # The σ this model's own schedule can represent: beyond its range it sees (and is read at) the end of it.

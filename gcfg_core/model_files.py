@@ -45,16 +45,24 @@ def load_checkpoint(
     dtype: torch.dtype = torch.float32,
     parameterization: Parameterization | None = None,
     compute_hash: bool = True,
+    text_encoders: bool = True,
+    vae: bool = True,
+    unet: bool = True,
 ) -> SDModel | SDXLModel:
     """An `SDXLModel` for SDXL-family files, else an `SDModel` (which refuses what is not SD 1.x, naming it).
 
-    `parameterization` overrides an SDXL file's own markers; SD 1.x files are always ε here.
+    `parameterization` overrides an SDXL file's own markers; SD 1.x files are always ε here. `text_encoders`
+    False leaves the text encoder(s) out (a prior that never encodes a prompt of its own), `vae` False the VAE
+    (a side model never decodes), `unet` False the UNet.
     """
     family = file_family(path)
     if family in _SDXL_FAMILIES:
-        return load_sdxl_checkpoint(path, device=device, dtype=dtype, parameterization=parameterization,
+        encoders = ("text_encoder", "text_encoder_2") if text_encoders else ()
+        parts = (*(("unet",) if unet else ()), *(("vae",) if vae else ()), *encoders)
+        return load_sdxl_checkpoint(path, parts=parts, device=device, dtype=dtype, parameterization=parameterization,
                                     compute_hash=compute_hash)
     if parameterization is not None and base_family(family) is ModelFamily.SD1:
         raise CheckpointError(f"{os.fspath(path)}: a parameterisation override ({parameterization.label}) applies "
                               f"to SDXL checkpoints; this is {family.label}")
-    return load_sd_checkpoint(path, device=device, dtype=dtype, compute_hash=compute_hash)
+    parts = (*(("unet",) if unet else ()), *(("vae",) if vae else ()), *(("text_encoder",) if text_encoders else ()))
+    return load_sd_checkpoint(path, parts=parts, device=device, dtype=dtype, compute_hash=compute_hash)

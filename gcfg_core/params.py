@@ -8,7 +8,8 @@ here; the infotext writer quotes values holding ``,``, ``:`` or line breaks as J
 Infotext keys (written only when GCFG is enabled, and then only ``GCFG`` and the values that differ from their
 defaults; absent keys take the defaults):
 ``GCFG``: "True"; ``GCFG prior``; ``GCFG concept``; ``GCFG concept weight``; ``GCFG negative scale``
-("classic" or a number); ``GCFG terms`` (the terms box text, `gcfg_core.syntax`).
+("classic" or a number); ``GCFG terms`` (the terms box text, `gcfg_core.syntax`); ``GCFG uncond prompt``
+("empty" or "prompt").
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class ParamKind(str, enum.Enum):
     NUMBER = "number"
     SCALE = "scale"  # a number, or "classic" = None
     MODEL = "model"  # a model name; "" = none
+    CHOICE = "choice"  # one of `Param.choices`
 
 
 class Widget(str, enum.Enum):
@@ -43,6 +45,7 @@ class Widget(str, enum.Enum):
     SLIDER = "slider"
     TEXT = "text"  # a one-line text box
     TEXTAREA = "textarea"
+    RADIO = "radio"
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Param:
     step: float | None = None
     placeholder: str = ""
     xyz_axis: bool = True
+    choices: tuple[str, ...] = ()
 
 
 PARAMS: tuple[Param, ...] = (
@@ -75,19 +79,25 @@ PARAMS: tuple[Param, ...] = (
           Widget.CHECKPOINT, 1),
     Param("concept", "Concept model", ParamKind.MODEL, "", "GCFG concept",
           "A text-free concept UNet file (.safetensors) from models/GCFG; None = no concept term.",
-          Widget.CONCEPT, 1),
+          Widget.CONCEPT, 2),
     Param("concept_weight", "Concept weight", ParamKind.NUMBER, 2.5, "GCFG concept weight",
           "Weight of the concept term on the CFG scale (paper: 2.5).", Widget.SLIDER, 2,
           minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT, step=0.05),
     Param("negative_scale", "Negative prompt scale", ParamKind.SCALE, None, "GCFG negative scale",
           "Weight of the negative prompt term. 'classic' = the WebUI's behaviour: the negative prompt takes the "
           "unconditional's place (weight 1 − CFG scale − other weights), so the prior has no effect.",
-          Widget.TEXT, 2, minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT, step=0.5,
+          Widget.TEXT, 3, minimum=-MAX_WEIGHT, maximum=MAX_WEIGHT, step=0.5,
           placeholder="classic, or a number such as -2"),
     Param("terms", "Extra terms", ParamKind.MULTILINE, "", "GCFG terms",
           "One term per line: <weight> [@model] [{start-end}] <prompt>, e.g. '+4 in Van Gogh style' or "
-          "'-2 @prior {0-0.5} blurry'. # starts a comment line.", Widget.TEXTAREA, 3,
+          "'-2 @prior {0-0.5} blurry'. # starts a comment line.", Widget.TEXTAREA, 4,
           placeholder="+4 in Van Gogh style"),
+    # Last, so that positional API args of earlier versions keep their meaning; the accordion shows it by the prior.
+    Param("uncond_prompt", "Unconditional prompt", ParamKind.CHOICE, "empty", "GCFG uncond prompt",
+          "What the unconditional term ε₀ (the prior) is conditioned on: 'empty', the empty prompt (the paper), or "
+          "'prompt', the generation's own prompt — with an earlier or smaller checkpoint of the same family as the "
+          "prior that is autoguidance (Karras et al. 2024). No effect with a classic negative prompt.",
+          Widget.RADIO, 1, choices=("empty", "prompt")),
 )
 PARAMS_BY_NAME: dict[str, Param] = {param.name: param for param in PARAMS}
 
@@ -120,6 +130,11 @@ def convert_value(param: Param, value: object) -> object:
         if value is None or (isinstance(value, str) and value.strip().lower() in (CLASSIC, "")):
             return None
         return _number(param, value)
+    if param.kind is ParamKind.CHOICE:
+        text = value.strip().lower() if isinstance(value, str) else None
+        if text not in param.choices:
+            raise ValueError(f"{param.name}: expected one of {', '.join(param.choices)}, got {value!r}")
+        return text
     if not isinstance(value, str):
         raise ValueError(f"{param.name}: expected text, got {value!r}")
     if param.kind in (ParamKind.TEXT, ParamKind.MODEL) and ("\n" in value or "\r" in value):
@@ -168,6 +183,14 @@ class _SettingsMethods:
             if param.name == "enabled" or value != param.default:
                 values[param.infotext_key] = infotext_value(param, value)
         return values
+
+    def changed_infotext(self) -> dict[str, str]:
+        """The infotext the README's rule writes: ``GCFG: True`` and every value that differs from its default (no
+        empty keys, no defaults); nothing when disabled. `from_infotext` restores the same settings."""
+        values = self.to_infotext()
+        return {param.infotext_key: values[param.infotext_key] for param in PARAMS
+                if param.infotext_key in values
+                and (param.name == "enabled" or values[param.infotext_key] != infotext_value(param, param.default))}
 
     @classmethod
     def from_infotext(cls, infotext: Mapping[str, str]):

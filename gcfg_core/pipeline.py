@@ -31,6 +31,7 @@ from gcfg_core.terms import ModelSlot
 logger = logging.getLogger("gcfg.pipeline")
 
 MAX_SEED = 2**32 - 1
+SIZE_MULTIPLE = 8  # the WebUI's width/height step: one latent pixel per 8×8 image pixels (every SD VAE)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ class GenerationRequest:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+        for name in ("width", "height"):
+            if getattr(self, name) % SIZE_MULTIPLE:
+                value = getattr(self, name)
+                raise ValueError(f"{name} {value} is not a multiple of {SIZE_MULTIPLE} (the VAE maps 8×8 pixels to "
+                                 f"one latent pixel), e.g. {value - value % SIZE_MULTIPLE or SIZE_MULTIPLE}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -1 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be -1 (random) or an integer from 0 to {MAX_SEED}, got {self.seed!r}")
         if not isinstance(self.gcfg, GCFGSettings):
@@ -78,9 +84,13 @@ class GenerationResult:
     unet_rows_per_step: float  # mean UNet rows (images × evaluated terms) per denoiser call
 
 
-def size_multiple(model: SDModel) -> int:
-    """Pixel multiple the image size must have: VAE downsampling × the UNet's own downsampling."""
-    return model.architecture.vae.downsample * 2 ** (len(model.architecture.unet.channel_mult) - 1)
+def size_multiple(model) -> int:
+    """Pixel multiple the image size must have: the VAE's downsampling for SD 1.x, whose ldm UNets run off their
+    own grid too (`gcfg_core.denoiser.UNetDenoiser`), as in the WebUI; × the UNet's own downsampling for SDXL."""
+    downsample = model.architecture.vae.downsample
+    if isinstance(model, SDModel):
+        return downsample
+    return downsample * 2 ** (len(model.architecture.unet.channel_mult) - 1)
 
 
 def build_plan(request: GenerationRequest, *, has_concept: bool) -> GuidancePlan:
@@ -91,6 +101,7 @@ def build_plan(request: GenerationRequest, *, has_concept: bool) -> GuidancePlan
     return standard_plan(
         request.cfg_scale, request.prompt, request.negative_prompt, settings.negative_scale,
         settings.concept_weight if has_concept else 0.0, settings.parsed_terms(),
+        uncond_prompt=request.prompt if settings.uncond_prompt == "prompt" else "",
     )
 
 
@@ -154,7 +165,7 @@ def infotext_params(request: GenerationRequest, seed: int, main: SDModel, schedu
         "Model": main.name or None,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
     }
-    params.update(request.gcfg.to_infotext())
+    params.update(request.gcfg.changed_infotext())
     return params
 
 
@@ -186,8 +197,8 @@ def generate(
     multiple = size_multiple(main)
     for name in ("width", "height"):
         if getattr(request, name) % multiple:
-            raise ValueError(f"{name} {getattr(request, name)} is not a multiple of {multiple} "
-                             f"(VAE ×{main.architecture.vae.downsample} and UNet downsampling)")
+            raise ValueError(f"{name} {getattr(request, name)} is not a multiple of {multiple} ("
+                             f"{'the VAE' if multiple == 8 else 'the VAE and the UNet'}'s downsampling)")
     spec, scheduler = resolve_sampler(request.sampler, request.scheduler)
     plan = build_plan(request, has_concept=concept_unet is not None)
     text_models = {**extra_models, ModelSlot.PRIOR.value: prior, ModelSlot.MAIN.value: main}

@@ -130,15 +130,17 @@ def _parse_line(text: str, line_number: int) -> GuidanceTerm:
     return GuidanceTerm(model, cond, weight, window)
 
 
-def parse_terms(text: str) -> tuple[GuidanceTerm, ...]:
-    """Parse the terms box (grammar in the module docstring); raise `TermSyntaxError` naming line and column."""
-    terms = []
+def _term_lines(text: str):
+    """(1-based line number, line) of every line that holds a term: blank and comment lines left out."""
     for line_number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip(_BLANKS + "\r")
-        if not stripped or stripped.startswith("#"):
-            continue
-        terms.append(_parse_line(line.rstrip("\r"), line_number))
-    return tuple(terms)
+        if stripped and not stripped.startswith("#"):
+            yield line_number, line.rstrip("\r")
+
+
+def parse_terms(text: str) -> tuple[GuidanceTerm, ...]:
+    """Parse the terms box (grammar in the module docstring); raise `TermSyntaxError` naming line and column."""
+    return tuple(_parse_line(line, line_number) for line_number, line in _term_lines(text))
 
 
 # A prompt starting like a window: "{" and a number, e.g. "{0.5- dog" or "{0.5-1 dog" (the brace never closed).
@@ -148,12 +150,9 @@ _BROKEN_WINDOW = re.compile(r"\{\s*[\d.]")
 def term_warnings(text: str) -> tuple[TermWarning, ...]:
     """Lines that parse but look like typos: a prompt that starts like a step window that is not one."""
     warnings = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip(_BLANKS + "\r")
-        if not stripped or stripped.startswith("#"):
-            continue
+    for line_number, line in _term_lines(text):
         try:
-            term = _parse_line(line.rstrip("\r"), line_number)
+            term = _parse_line(line, line_number)
         except TermSyntaxError:
             continue  # reported as an error instead
         prompt = term.cond or ""

@@ -41,8 +41,11 @@ class Generation:
 
     @property
     def changes_nothing(self) -> bool:
-        """No term, no prior, a classic negative: enabled equals disabled everywhere (no checks either)."""
-        return not self.terms and not self.settings.prior and self.settings.negative_scale is None
+        """No term, no prior, a classic negative, the empty uncond prompt: enabled equals disabled everywhere (no
+        checks either)."""
+        settings = self.settings
+        return (not self.terms and not settings.prior and settings.negative_scale is None
+                and settings.uncond_prompt == "empty")
 
 
 def generation_terms(settings: GCFGSettings) -> tuple[GuidanceTerm, ...]:

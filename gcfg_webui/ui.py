@@ -1,5 +1,6 @@
 """The GCFG accordion (txt2img and img2img), generated from `gcfg_core.params.PARAMS`: one component per
-parameter, in that order, with the parameter's label, help, default and range; `Param.row` groups them in rows."""
+parameter, with the parameter's label, help, default and range, laid out in rows by `Param.row` and returned in
+`PARAMS` order."""
 
 from __future__ import annotations
 
@@ -97,6 +98,8 @@ def _component(param: Param, elem_id, default_prior: str):
         return gr.Dropdown(choices=concept_choices(), value=value, **common)
     if param.widget is Widget.SLIDER:
         return gr.Slider(minimum=param.minimum, maximum=param.maximum, step=param.step, value=value, **common)
+    if param.widget is Widget.RADIO:
+        return gr.Radio(choices=list(param.choices), value=value, **common)
     if param.widget is Widget.TEXTAREA:
         return gr.Textbox(lines=3, value=value, placeholder=param.placeholder, **common)
     return gr.Textbox(value=value, max_lines=1, placeholder=param.placeholder, **common)
@@ -123,7 +126,9 @@ def build(tabname: str, elem_id, prompt_component=None, cfg_component=None, nega
         if host is not None and not host.supported:
             gr.Markdown(f"⚠ GCFG cannot guide on {host.name}: {host.reason}. Requests with GCFG enabled are "
                         "refused.", elem_id=elem_id("host"))
-        for _row, params in itertools.groupby(PARAMS[1:], key=lambda param: param.row):
+        # Laid out by row; returned in PARAMS order (the API's positional order) whatever the layout.
+        by_row = sorted(PARAMS[1:], key=lambda param: param.row)
+        for _row, params in itertools.groupby(by_row, key=lambda param: param.row):
             params = list(params)
             with gr.Row():
                 for param in params:

@@ -6,7 +6,8 @@ GCFG keeps that structure and decides, per image, what those rows hold:
 * `HOST` — the host's own uncond row: the negative prompt N (classic CFG: N is the base), or E₀ itself when the
   image has no negative prompt and E₀ comes from the current model;
 * `PRIOR` — E₀ from the prior, routed into the host's batched call instead of the host's row;
-* `MAIN_EMPTY` — E₀ from the current model with the empty prompt (no prior, but a numeric negative scale);
+* `MAIN_EMPTY` — E₀ from the current model evaluated by GCFG: the empty prompt where the image's own uncond row is
+  its negative prompt (no prior, a numeric negative scale), or the image's prompt (autoguidance without a prior);
 * `FILLER` — nothing: E₀'s coefficient is 0 and nobody reads the rows (CFG 1 with a prior, or weights summing
   to 1), so no model runs for them; they hold a copy of the image's first cond row, as the WebUI's own
   skipped-uncond rows do.
@@ -46,8 +47,11 @@ class ImageNeeds:
 
 
 def image_needs(coefficients: StepCoefficients, has_negative: Sequence[bool], *, classic: bool, has_prior: bool,
-                host_reads_slot: bool) -> tuple[ImageNeeds, ...]:
-    """Per image of the batch: what its uncond row must hold, and whether N is needed besides it."""
+                host_reads_slot: bool, host_row_is_uncond: bool = True) -> tuple[ImageNeeds, ...]:
+    """Per image of the batch: what its uncond row must hold, and whether N is needed besides it.
+
+    `host_row_is_uncond`: the host's uncond row of an image without a negative prompt is E₀ (the current model's
+    empty prompt); False when E₀ is conditioned on the prompt (autoguidance)."""
     needs = []
     for image, negative_present in enumerate(has_negative):
         if negative_present and classic:
@@ -61,6 +65,6 @@ def image_needs(coefficients: StepCoefficients, has_negative: Sequence[bool], *,
         if has_prior:
             slot = Slot.PRIOR
         else:
-            slot = Slot.MAIN_EMPTY if negative_present else Slot.HOST
+            slot = Slot.MAIN_EMPTY if negative_present or not host_row_is_uncond else Slot.HOST
         needs.append(ImageNeeds(slot, negative_aside=wants_negative and slot is not Slot.HOST))
     return tuple(needs)

@@ -36,7 +36,15 @@ def fake_env(tmp_path_factory):
     checkpoints.mkdir()
     save_sd_checkpoint(random_sd_model(fake_runtime.TINY, seed=1), checkpoints / "prior.safetensors")
     save_sd_checkpoint(fake_runtime.FakeSDModel(seed=0).sd, checkpoints / "same.safetensors")
-    names = {key: sd_models.register(str(checkpoints / f"{key}.safetensors")).title for key in ("prior", "same")}
+    from gcfg_core.parameterization import Parameterization, Prediction
+    from gcfg_core.sdxl import random_sdxl_model, save_sdxl_checkpoint
+
+    save_sdxl_checkpoint(fake_runtime.FakeSDXLModel(seed=0).sd, checkpoints / "sdxl-same.safetensors")
+    save_sdxl_checkpoint(random_sdxl_model(seed=1), checkpoints / "sdxl-prior.safetensors")
+    save_sdxl_checkpoint(random_sdxl_model(seed=0, parameterization=Parameterization(Prediction.V)),
+                         checkpoints / "sdxl-vpred.safetensors")
+    keys = ("prior", "same", "sdxl-same", "sdxl-prior", "sdxl-vpred")
+    names = {key: sd_models.register(str(checkpoints / f"{key}.safetensors")).title for key in keys}
     base = random_sd_model(fake_runtime.TINY, seed=2)
     with torch.no_grad():
         vectors = calibrate_nulltext(base.unet, torch.randn(2, 4, 8, 8), base.encode_prompts([""]))
@@ -61,10 +69,14 @@ def fake(fake_env):
     model_files.CACHE.clear()
     namespace = SimpleNamespace(modules=modules, shared=shared, runtime=fake_env.runtime,
                                 prior_name=fake_env.names["prior"], same_prior_name=fake_env.names["same"],
-                                concept_name="face.safetensors", last_p=None)
+                                concept_name="face.safetensors", last_p=None, names=fake_env.names)
 
-    def use_main_model(in_channels=4):
-        namespace.model = fake_env.runtime.FakeSDModel(seed=0, in_channels=in_channels)
+    def use_main_model(in_channels=4, sdxl=False):
+        runtime = fake_env.runtime
+        if sdxl:
+            namespace.model = runtime.FakeSDXLModel(seed=0)
+        else:
+            namespace.model = runtime.FakeSDModel(seed=0, in_channels=in_channels)
         shared.sd_model = namespace.model
 
     def processing(**kwargs):
@@ -106,7 +118,7 @@ def test_positional_and_named_args_give_the_same_settings(fake):
     ([{"enabled": True, "concept_weight": "much"}], "concept_weight"),
     ([{"enabled": True, "negative_scale": "loud"}], "negative_scale"),
     ([{"enabled": True, "terms": "4 no sign"}], "terms"),
-    ([True, "", "", 1.0, "classic", "", "extra"], "args"),
+    ([True, "", "", 1.0, "classic", "", "empty", "extra"], "args"),
 ])
 def test_bad_args_name_the_argument_and_carry_422(fake, args, argument):
     from gcfg_webui.args import settings_from_args
@@ -416,7 +428,8 @@ def test_paste_fills_defaults_maps_the_prior_and_turns_gcfg_off_without_keys(fak
     pasted = {"GCFG": "True", "GCFG prior": "prior.safetensors"}
     infotext.complete_pasted(pasted, model_files.prior_choice)
     assert pasted == {"GCFG": "True", "GCFG prior": fake.prior_name, "GCFG concept": "None",
-                      "GCFG concept weight": "2.5", "GCFG negative scale": "classic", "GCFG terms": ""}
+                      "GCFG concept weight": "2.5", "GCFG negative scale": "classic", "GCFG terms": "",
+                      "GCFG uncond prompt": "empty"}
     from modules import sd_models
 
     sd_models.register("/models/unhashed.safetensors", shorthash=None)  # listed without [hash] until hashed
@@ -450,7 +463,7 @@ def test_xyz_axes_override_one_parameter(fake):
             self.label, self.type, self.apply, self.choices = label, type, apply, choices
 
     module = SimpleNamespace(axis_options=[], AxisOption=AxisOption)
-    assert xyz.add_axes(module, lambda: ["None"]) == 5
+    assert xyz.add_axes(module, lambda: ["None"]) == 6
     assert xyz.add_axes(module, lambda: ["None"]) == 0
     p = fake.processing(negative_prompt="ugly")
     weight_axis = next(o for o in module.axis_options if "Negative" in o.label)
@@ -463,10 +476,11 @@ def test_routes_validate_terms_and_require_api_auth(fake):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from gcfg_webui import api
+    from gcfg_webui import access, api
 
     app = FastAPI()
-    api.add_routes(app, "alice:secret", priors=lambda: ["p.safetensors [0]"], concepts=lambda: [],
+    policy = access.AccessPolicy.from_cmd_opts(SimpleNamespace(api=True, api_auth="alice:secret"))
+    api.add_routes(app, policy, priors=lambda: ["p.safetensors [0]"], concepts=lambda: [],
                    free_models=lambda: 0, last_run=dict)
     client = TestClient(app)
     assert client.get("/gcfg/v1/priors").status_code == 401
@@ -786,3 +800,97 @@ def test_concept_files_linked_into_the_folder_work_and_names_cannot_leave_it(fak
                 model_files.resolve_concept(name)
     finally:
         os.remove(link)
+
+
+# --- SDXL main models, per-model parameterisation, autoguidance -----------------------------------------------------
+
+
+def test_sdxl_enabled_with_nothing_to_do_equals_off(fake):
+    fake.use_main_model(sdxl=True)
+    off = run(fake, fake.processing(negative_prompt="ugly"), [False])
+    on = run(fake, fake.processing(negative_prompt="ugly"), settings_args(enabled=True))
+    assert torch.equal(on, off) and fake.last_stats() == []
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_sdxl_prior_equal_to_main_reproduces_the_webui(fake, sampler):
+    """The prior's E₀ on SDXL is the empty negative as the WebUI encodes it (zero text, size embeddings kept)."""
+    fake.use_main_model(sdxl=True)
+    p_args = dict(batch_size=2, sampler_name=sampler, prompt=["a cat AND a hat :0.5", "a dog"])
+    off = run(fake, fake.processing(**p_args), [False])
+    on = run(fake, fake.processing(**p_args), settings_args(enabled=True, prior=fake.names["sdxl-same"]))
+    (stats,) = fake.last_stats()
+    assert stats.routed_calls == stats.calls and stats.extra_rows["prior"] > 0
+    torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-4)
+    other = run(fake, fake.processing(**p_args), settings_args(enabled=True, prior=fake.names["sdxl-prior"]))
+    assert not torch.allclose(other, off, atol=1e-3)
+
+
+def test_sdxl_extra_term_equals_the_and_prompt(fake):
+    fake.use_main_model(sdxl=True)
+    composed = run(fake, fake.processing(prompt="a cat AND a dog :0.4", negative_prompt="ugly"), [False])
+    term = run(fake, fake.processing(prompt="a cat", negative_prompt="ugly"),
+               settings_args(enabled=True, terms="+2 a dog"))
+    torch.testing.assert_close(term, composed, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("sdxl_main", "named", "argument", "words"), [
+    (True, {"prior": "prior.safetensors"}, "prior", ("SD 1.x", "SDXL")),
+    (False, {"prior": "sdxl-prior.safetensors"}, "prior", ("SDXL", "SD 1.x")),
+    (True, {"terms": "+1 @same.safetensors a dog"}, "terms", ("SD 1.x", "SDXL")),
+    (True, {"concept": "face.safetensors"}, "concept", ("SD 1.x concept", "SDXL")),
+])
+def test_family_mismatches_are_refused_naming_both_models(fake, sdxl_main, named, argument, words):
+    from gcfg_webui.errors import GCFGRequestError
+
+    fake.use_main_model(sdxl=sdxl_main)
+    with pytest.raises(GCFGRequestError) as caught:
+        run(fake, fake.processing(), settings_args(enabled=True, **named))
+    assert caught.value.argument == argument and fake.model.rows == 0
+    assert all(word in caught.value.detail for word in words), caught.value.detail
+
+
+@pytest.mark.parametrize("space", ["x0", "eps"])
+def test_a_v_prediction_side_model_is_converted_with_its_own_parameterisation(fake, space):
+    """A v-prediction side model's output v gives x₀ = x·c_in² − v·σ·c_in (k-diffusion) and, for DDIM, the main
+    model's ε at the same point, ε = (x_σ − x₀)/σ with x_σ = x_t/√ᾱ — written out here from the definitions."""
+    from gcfg_core.configs import sd1_alphas_cumprod
+    from gcfg_core.parameterization import Prediction
+    from gcfg_webui.a1111 import side_models
+    from gcfg_webui.a1111.rows import SamplerSpace
+
+    alphas = sd1_alphas_cumprod()
+    model = side_models.ExtraModel("v", torch.nn.Linear(1, 1), prediction=Prediction.V, alphas_cumprod=alphas)
+    v_out = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    model.raw_output = lambda x, t, context: v_out
+    if space == "x0":
+        runner = side_models.side_runner(SamplerSpace.DENOISED, None, model, "v")
+        sigma = torch.tensor([2.0, 0.5])
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+        c_in = (sigma**2 + 1).rsqrt().view(-1, 1, 1, 1)
+        expected = x * c_in**2 - v_out * sigma.view(-1, 1, 1, 1) * c_in
+        torch.testing.assert_close(runner.call(x, sigma, {"c_crossattn": [None]}), expected, rtol=1e-5, atol=1e-5)
+        return
+    runner = side_models.side_runner(SamplerSpace.NOISE, None, model, "v")
+    t = torch.tensor([667.0, 334.0])
+    x_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    a = alphas[t.long()].double().view(-1, 1, 1, 1)
+    eps = (a.sqrt() * v_out.double() + (1 - a).sqrt() * x_t.double())  # v = √ᾱ·ε − √(1−ᾱ)·x₀ solved for ε
+    torch.testing.assert_close(runner.call(x_t, t, {"c_crossattn": [None]}).double(), eps, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_autoguidance_with_the_main_model_as_prior_is_the_plain_prompt(fake, sdxl):
+    """E₀ conditioned on the prompt by the main model itself: the guidance difference vanishes, so the image is
+    the plain prompt's, i.e. CFG 1."""
+    fake.use_main_model(sdxl=sdxl)
+    fake.shared.opts.data["gcfg_empty_prompt_encoder"] = "Current model's text encoder"
+    cfg_one = run(fake, fake.processing(cfg_scale=1.0, batch_size=2), [False])
+    same = fake.names["sdxl-same" if sdxl else "same"]
+    guided = run(fake, fake.processing(cfg_scale=6.0, batch_size=2),
+                 settings_args(enabled=True, prior=same, uncond_prompt="prompt"))
+    torch.testing.assert_close(guided, cfg_one, rtol=1e-3, atol=1e-3)
+    without_prior = run(fake, fake.processing(cfg_scale=6.0, batch_size=2),
+                        settings_args(enabled=True, uncond_prompt="prompt"))
+    torch.testing.assert_close(without_prior, cfg_one, rtol=1e-3, atol=1e-3)
+    assert "main" in fake.last_stats()[0].extra_rows  # E₀ = the current model with the prompt, run by GCFG

@@ -35,8 +35,9 @@ class PassPlan:
     has_negative: tuple[bool, ...]
     sources: dict[TermKey, RowSource]
     prior: RowSource | None  # E₀ from the prior; None: E₀ is the current model's empty prompt
-    main_empty: RowSource | None  # E₀ from the current model, for images whose own uncond row is N
+    main_empty: RowSource | None  # E₀ from the current model (the empty prompt, or the prompt: autoguidance)
     uses_side_models: bool = False
+    host_row_is_uncond: bool = True  # the WebUI's uncond row of an image without negative prompt is E₀ itself
 
     @property
     def classic(self) -> bool:
@@ -46,7 +47,7 @@ class PassPlan:
     def is_noop(self) -> bool:
         """True when no call can change a row: no terms, a classic negative, and E₀ wanted nowhere."""
         return (not self.weights.terms and self.classic
-                and (self.prior is None or all(self.has_negative)))
+                and (all(self.has_negative) or (self.prior is None and self.host_row_is_uncond)))
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ class PassController:
 
     def needs(self, coefficients: StepCoefficients) -> tuple[ImageNeeds, ...]:
         return image_needs(coefficients, self.plan.has_negative, classic=self.plan.classic,
-                           has_prior=self.plan.prior is not None, host_reads_slot=self.host_reads_slot())
+                           has_prior=self.plan.prior is not None, host_reads_slot=self.host_reads_slot(),
+                           host_row_is_uncond=self.plan.host_row_is_uncond)
 
     def active_keys(self, coefficients: StepCoefficients) -> list[TermKey]:
         return unique_keys([term for term, _ in coefficients.terms])

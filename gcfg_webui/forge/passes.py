@@ -46,8 +46,9 @@ class PassPlan:
     has_negative: tuple[bool, ...]
     sources: dict[TermKey, Source]
     prior: Source | None  # E₀ from the prior; None: E₀ is the main model's empty prompt
-    main_empty: Source | None  # E₀ from the main model, for images whose own uncond row is N
+    main_empty: Source | None  # E₀ from the main model (the empty prompt, or the prompt: autoguidance)
     configured_scale: float  # the pass's CFG scale (the hires pass has its own)
+    host_row_is_uncond: bool = True  # Forge's uncond row of an image without negative prompt is E₀ itself
 
     @property
     def classic(self) -> bool:
@@ -55,7 +56,8 @@ class PassPlan:
 
     @property
     def is_noop(self) -> bool:
-        return not self.weights.terms and self.classic and (self.prior is None or all(self.has_negative))
+        return (not self.weights.terms and self.classic
+                and (all(self.has_negative) or (self.prior is None and self.host_row_is_uncond)))
 
     @property
     def needs_uncond_at_cfg_one(self) -> bool:
@@ -168,7 +170,8 @@ class PassController:
         weights = replace(plan.weights, cfg_scale=cond_scale, multiplier=1.0)
         coefficients = step_coefficients(weights, prompt_weights, has_negative, step, steps)
         needs = image_needs(coefficients, has_negative, classic=plan.classic, has_prior=plan.prior is not None,
-                            host_reads_slot=self.host_reads_slot(model_options))
+                            host_reads_slot=self.host_reads_slot(model_options),
+                            host_row_is_uncond=plan.host_row_is_uncond)
         cfg_one_shortcut = math.isclose(cond_scale, 1.0) and not model_options.get("disable_cfg1_optimization")
         first = cond[0] if cond else {}
         image_cond = getattr(first.get("model_conds", {}).get("c_concat"), "cond", None)

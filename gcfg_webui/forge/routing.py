@@ -270,8 +270,9 @@ def complete(controller: PassController, call: CallState) -> None:
     images = list(range(call.batch))
     if call.expects_slot and not call.slot_placed:
         # Forge evaluated its uncond rows without GCFG's wrapper (another extension replaced it): they hold the
-        # negative prompt, or the main model's empty prompt — E₀ only when there is no prior.
-        call.holds = [Holds.NEGATIVE if negative else (Holds.E0 if plan.prior is None else Holds.NOTHING)
+        # negative prompt, or the main model's empty prompt — E₀ only without a prior and without autoguidance.
+        empty_is_e0 = plan.prior is None and plan.host_row_is_uncond
+        call.holds = [Holds.NEGATIVE if negative else (Holds.E0 if empty_is_e0 else Holds.NOTHING)
                       for negative in call.has_negative]
     missing = [key for key in call.keys if key not in call.predictions]
     sides = [_side_rows(plan.sources[key], call, 0, call.x, call.sigma, images, ("term", key))

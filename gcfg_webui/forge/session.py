@@ -17,9 +17,10 @@ from gcfg_core.coefficients import GuidanceWeights
 from gcfg_core.terms import ModelSlot
 from gcfg_webui.errors import GCFGRequestError
 from gcfg_webui.forge import install, side_models
+from gcfg_webui.forge.batching import common_length, repeat_to
 from gcfg_webui.forge.passes import PassController, PassPlan, Source
 from gcfg_webui.generation import GENERATION_ATTRIBUTE, Generation
-from gcfg_webui.pass_prompts import main_conds, pass_negative_prompts
+from gcfg_webui.pass_prompts import main_conds, pass_negative_prompts, pass_prompts
 from gcfg_webui.sampling_pass import unique_keys
 
 logger = logging.getLogger("gcfg.forge.session")
@@ -100,6 +101,17 @@ def _side_source(name: str, side, context: torch.Tensor) -> Source:
     return Source(name, side, lambda step, images: context)
 
 
+def _per_image_source(name: str, side, contexts: Sequence[torch.Tensor]) -> Source:
+    """A side model's source with one context per image (autoguidance: each image's prompt), repeated to a common
+    token length like Forge's own batching of prompts of different lengths."""
+    length = common_length([context.shape[1] for context in contexts])
+    if length is None:
+        raise GCFGRequestError("uncond_prompt", "the images' prompts differ too much in length to batch their "
+                                                "prior rows; use shorter prompts or the empty uncond prompt")
+    stacked = torch.cat([repeat_to(context, length) for context in contexts])
+    return Source(name, side, lambda step, images: stacked[list(images)])
+
+
 def configured_scale(p) -> float:
     """The CFG scale the pass asks for (Forge's hires pass has its own, `hr_cfg`)."""
     if getattr(p, "is_hr_pass", False) and getattr(p, "hr_cfg", None) is not None:
@@ -121,15 +133,22 @@ def build_plan(p, generation: Generation, has_negative: tuple[bool, ...]) -> Pas
             model = generation.checkpoints[model_name]
             sources[key] = _side_source(model_name, model, model.context(prompt or ""))
         else:  # main, and @prior without a prior checkpoint (the main model is the prior then)
-            sources[key] = _main_source(model_name, main_conds(p, generation, prompt or ""))
+            sources[key] = _main_source(model_name, main_conds(p, generation, [prompt or ""] * p.batch_size))
+    autoguidance = settings.uncond_prompt == "prompt"
     prior = None
     main_empty = None
     if generation.prior is not None:
-        prior = _side_source(ModelSlot.PRIOR.value, generation.prior, side_models.empty_context(generation.prior))
+        if autoguidance:
+            prior = _per_image_source(ModelSlot.PRIOR.value, generation.prior,
+                                      [generation.prior.context(prompt) for prompt in pass_prompts(p)])
+        else:
+            prior = _side_source(ModelSlot.PRIOR.value, generation.prior, side_models.empty_context(generation.prior))
     else:
-        main_empty = _main_source("main", main_conds(p, generation, ""))
+        prompts = pass_prompts(p) if autoguidance else [""] * p.batch_size
+        main_empty = _main_source("main", main_conds(p, generation, prompts))
     weights = GuidanceWeights(float(p.cfg_scale), settings.negative_scale, generation.terms)
-    return PassPlan(weights, has_negative, sources, prior, main_empty, configured_scale(p))
+    return PassPlan(weights, has_negative, sources, prior, main_empty, configured_scale(p),
+                    host_row_is_uncond=not autoguidance)
 
 
 def routing_allowed(unet) -> tuple[bool, str]:
@@ -171,8 +190,9 @@ def begin_pass(p, generation: Generation) -> None:
         if generation.error is not None:
             raise generation.error
         has_negative = tuple(bool(text.strip()) for text in pass_negative_prompts(p))
-        if not generation.terms and generation.settings.negative_scale is None and (
-                generation.prior is None or all(has_negative)):
+        settings = generation.settings
+        if not generation.terms and settings.negative_scale is None and (all(has_negative) or (
+                generation.prior is None and settings.uncond_prompt == "empty")):
             return  # nothing to change on this pass: no hooks at all
         model = shared.sd_model
         unet = model.forge_objects.unet.clone()

@@ -30,6 +30,7 @@ import json
 import os
 
 import pytest
+from waiting import BACKSTOP_S
 from webui_host import A1111, FORGE, ON_FORGE, left_out_on_forge, only_on
 from webui_responses import max_difference, ok, pixels
 
@@ -56,7 +57,7 @@ needs_prior = pytest.mark.skipif(not PRIOR, reason="GCFG_E2E_PRIOR not set")
 def client():
     httpx = pytest.importorskip("httpx")
     auth = tuple(API_AUTH.split(":", 1)) if API_AUTH else None
-    with httpx.Client(base_url=URL, timeout=600, auth=auth) as session:
+    with httpx.Client(base_url=URL, timeout=BACKSTOP_S, auth=auth) as session:
         yield session
 
 
@@ -372,8 +373,8 @@ def test_script_info_has_meaningful_labels_in_argument_order(client):
     for entry in entries:
         assert entry["is_alwayson"]
         labels = [arg["label"] for arg in entry["args"]]
-        assert len(labels) == 6 and len(set(labels)) == 6 and all(labels)
-        assert [arg["value"] for arg in entry["args"]] == [False, "None", "None", 2.5, "classic", ""]
+        assert len(labels) == 7 and len(set(labels)) == 7 and all(labels)
+        assert [arg["value"] for arg in entry["args"]] == [False, "None", "None", 2.5, "classic", "", "empty"]
         assert entry["args"][1]["choices"][0] == "None" and len(entry["args"][1]["choices"]) > 1
         assert "Prior" in labels[1] and "Concept" in labels[2] and "weight" in labels[3]
 
@@ -392,7 +393,7 @@ def test_routes_list_models_and_validate_terms(client):
 @pytest.mark.skipif(not API_AUTH, reason="GCFG_E2E_API_AUTH not set (WebUI without --api-auth)")
 def test_routes_need_the_api_auth_credentials_like_the_webui_routes(client):
     httpx = pytest.importorskip("httpx")
-    with httpx.Client(base_url=URL, timeout=60) as anonymous:
+    with httpx.Client(base_url=URL, timeout=BACKSTOP_S) as anonymous:
         assert anonymous.get("/gcfg/v1/priors").status_code == 401
         assert anonymous.get("/sdapi/v1/sd-models").status_code == 401
         user, _, _ = API_AUTH.partition(":")
@@ -461,6 +462,18 @@ def test_every_weight_is_range_checked_before_sampling(client, args, message):
 def test_term_validation_warns_about_a_broken_window(client):
     body = client.post("/gcfg/v1/terms/validate", json={"terms": "+1 {0.5- dog"}).json()
     assert body["valid"] and body["warnings"][0]["column"] == 4
+
+
+@needs_prior
+def test_autoguidance_conditions_the_prior_on_the_prompt(client, main_model):
+    """`uncond_prompt: prompt`: E₀ is the prior with the generation's prompt; with the main checkpoint itself as
+    the prior the guidance difference vanishes and the image is the plain prompt's (CFG 1)."""
+    cfg_one = ok(txt2img(client, [False], cfg_scale=1))
+    same = ok(txt2img(client, [{"enabled": True, "prior": main_model, "uncond_prompt": "prompt"}], cfg_scale=6))
+    assert max_difference(same, cfg_one) <= TOLERANCE
+    weaker = ok(txt2img(client, [{"enabled": True, "prior": PRIOR, "uncond_prompt": "prompt"}]))
+    assert "GCFG uncond prompt: prompt" in infotext(weaker)
+    assert max_difference(weaker, ok(txt2img(client, [{"enabled": True, "prior": PRIOR}]))) > 0
 
 
 # --- Forge: its refiner switch, its post-CFG features ---------------------------------------------------------------

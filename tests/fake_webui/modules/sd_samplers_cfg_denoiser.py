@@ -11,6 +11,25 @@ from modules import prompt_parser, sd_samplers_common, shared
 from modules.script_callbacks import CFGDenoisedParams, CFGDenoiserParams, cfg_denoised_callback, cfg_denoiser_callback
 
 
+def _cat(conds):
+    if isinstance(conds[0], dict):
+        return prompt_parser.DictWithShape({key: torch.cat([c[key] for c in conds]) for key in conds[0]})
+    return torch.cat(conds)
+
+
+def _rows(cond, rows):
+    if isinstance(cond, dict):
+        return {key: value[rows] for key, value in cond.items()}
+    return cond[rows]
+
+
+def _condition(cond, image_cond):
+    """§3.3 step 6: SDXL dict conds keep their keys; SD 1.x ones become c_crossattn."""
+    if isinstance(cond, dict):
+        return {**cond, "c_concat": [image_cond]}
+    return {"c_crossattn": [cond], "c_concat": [image_cond]}
+
+
 class CFGDenoiser(torch.nn.Module):
     def __init__(self, sampler):
         super().__init__()
@@ -37,23 +56,22 @@ class CFGDenoiser(torch.nn.Module):
 
     def _inner_calls(self, x_in, sigma_in, image_cond_in, tensor, uncond, batch, skip):
         def call(rows, text):
-            return self.inner_model(x_in[rows], sigma_in[rows],
-                                    cond={"c_crossattn": [text], "c_concat": [image_cond_in[rows]]})
+            return self.inner_model(x_in[rows], sigma_in[rows], cond=_condition(text, image_cond_in[rows]))
 
         if tensor.shape[1] == uncond.shape[1] or skip:
-            cond_in = tensor if skip else torch.cat([tensor, uncond])
+            cond_in = tensor if skip else _cat([tensor, uncond])
             if shared.opts.batch_cond_uncond:
-                return self.inner_model(x_in, sigma_in, cond={"c_crossattn": [cond_in], "c_concat": [image_cond_in]})
+                return self.inner_model(x_in, sigma_in, cond=_condition(cond_in, image_cond_in))
             x_out = torch.zeros_like(x_in)
             for start in range(0, x_in.shape[0], batch):
                 rows = slice(start, start + batch)
-                x_out[rows] = call(rows, cond_in[rows])
+                x_out[rows] = call(rows, _rows(cond_in, rows))
             return x_out
         x_out = torch.zeros_like(x_in)
         step = batch * 2 if shared.opts.batch_cond_uncond else batch
         for start in range(0, tensor.shape[0], step):
             rows = slice(start, min(start + step, tensor.shape[0]))
-            x_out[rows] = call(rows, tensor[rows])
+            x_out[rows] = call(rows, _rows(tensor, rows))
         rows = slice(x_in.shape[0] - batch, None)
         x_out[rows] = call(rows, uncond)
         return x_out
