@@ -200,6 +200,29 @@ def test_prior_with_numeric_negative_scale_keeps_the_negative_aside(forge):
     assert stats(forge)[0].per_call() == {"webui": 2.0, "prior": 1.0}
 
 
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_autoguidance_with_the_main_checkpoint_as_prior_is_the_cfg_one_image(forge, sampler):
+    """`uncond_prompt: prompt`: E₀ is the prior with each image's prompt; the main checkpoint as prior makes
+    E₁ − E₀ vanish, so any CFG scale gives the CFG-1 image (the prompt alone)."""
+    cfg_one = run(forge, [False], cfg_scale=1, sampler_name=sampler, batch_size=2)
+    same = run(forge, on(prior=forge.same, uncond_prompt="prompt"), cfg_scale=6, sampler_name=sampler, batch_size=2)
+    assert torch.allclose(same, cfg_one, atol=1e-5)
+    assert stats(forge)[0].per_call() == {"webui": 2.0, "prior": 2.0}
+
+
+def test_autoguidance_without_prior_conditions_the_main_models_uncond_on_the_prompt(forge):
+    cfg_one = run(forge, [False], cfg_scale=1)
+    auto = run(forge, on(uncond_prompt="prompt"), cfg_scale=6)
+    assert torch.allclose(auto, cfg_one, atol=1e-5)
+    assert stats(forge)[0].per_call() == {"webui": 1.0, "main": 1.0}
+
+
+def test_autoguidance_with_another_prior_changes_the_image(forge):
+    empty = run(forge, on(prior=forge.prior))
+    auto = run(forge, on(prior=forge.prior, uncond_prompt="prompt"))
+    assert not torch.allclose(auto, empty, atol=1e-3)
+
+
 # --- terms, the combination ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("negative", ["", "ugly"])
