@@ -114,12 +114,18 @@ def build_concept(main_patcher, state_dict: Mapping[str, Tensor]):
     with using_forge_operations(device=offload, dtype=storage, manual_cast_enabled=storage != computation):
         unet = IntegratedUNet2DConditionModel.from_config(config)
     convert_to_nulltext(unet, vectors_from_state_dict(state_dict), block_type=BasicTransformerBlock)
-    expected = unet.state_dict()
-    missing, unexpected = sorted(expected.keys() - state_dict.keys()), sorted(state_dict.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"the concept model does not fit the main model's UNet: missing {missing[:4] or 'none'}, "
-                         f"unexpected {unexpected[:4] or 'none'}")
-    unet.load_state_dict({key: value.to(dtype=expected[key].dtype) for key, value in state_dict.items()})
+    # Forge's layers hold a placeholder (`dummy`) instead of weight and bias until they load a state dict, so the
+    # fit is checked on what the UNet holds after loading: every key and shape, nothing left over.
+    unet.load_state_dict({key: value.to(dtype=storage) for key, value in state_dict.items()}, strict=False)
+    loaded = {key: value for key, value in unet.state_dict().items() if not key.endswith(".dummy")}
+    missing = sorted(loaded.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - loaded.keys())
+    placeholders = sorted(key for key in unet.state_dict() if key.endswith(".dummy"))
+    shapes = sorted(key for key in loaded.keys() & state_dict.keys() if loaded[key].shape != state_dict[key].shape)
+    if missing or unexpected or placeholders or shapes:
+        raise ValueError(f"the concept model does not fit the main model's UNet: missing "
+                         f"{(missing + placeholders)[:4] or 'none'}, unexpected {unexpected[:4] or 'none'}, "
+                         f"other shapes {shapes[:4] or 'none'}")
     unet.to(device=offload).eval().requires_grad_(False)
     unet.storage_dtype, unet.computation_dtype = storage, computation
     unet.load_device, unet.offload_device, unet.initial_device = main_patcher.load_device, offload, offload

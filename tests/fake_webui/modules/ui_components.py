@@ -28,7 +28,7 @@ class InputAccordion(gr.Checkbox):
     def __init__(self, value, **kwargs):
         self.label_text = kwargs.get("label", "")
         self.accordion = gr.Accordion(kwargs.get("label", ""), open=value)
-        super().__init__(value, visible=False, **{k: v for k, v in kwargs.items() if k != "label"})
+        super().__init__(value, visible=False, **kwargs)  # the WebUI's hidden checkbox keeps the label too
 
     def __enter__(self):
         self.accordion.__enter__()
