@@ -63,6 +63,9 @@ def detect() -> Host:
         return Host("Forge Neo" if neo else forge.NAME, forge)
     if forge_family and _has_module(CLASSIC_BACKEND):
         return Host("Forge Classic", None, CLASSIC_REASON)
+    if forge_family:  # a Forge whose backend GCFG does not know: A1111's hooks would never be called there
+        missing = [name for name in FORGE_BACKEND if not _has_module(name)]
+        return Host("Forge", None, f"its backend lacks {', '.join(missing)}, which GCFG's Forge adapter uses")
     from gcfg_webui import a1111
 
     return Host(a1111.NAME, a1111, cfg_multipliers={"DDIM CFG++": 1 / 12.5})

@@ -774,11 +774,12 @@ def test_last_run_reports_the_path_and_the_steps(fake):
 def test_an_unsupported_host_refuses_instead_of_an_unguided_image(fake, monkeypatch):
     from gcfg_webui import hosts
 
-    monkeypatch.setattr(hosts, "_has_module", lambda name: name == "backend.sampling.sampling_function")
+    present = {"modules_forge", "backend.sampling.sampling_function"}  # a Forge without the patcher and loader
+    monkeypatch.setattr(hosts, "_has_module", lambda name: name in present)
     host = hosts.detect()
-    assert not host.supported and host.name == "Forge"
+    assert not host.supported and host.name == "Forge" and "backend.patcher.unet" in host.reason
     error = hosts.unsupported_error(host)
-    assert error.status_code == 422 and "Forge" in error.detail
+    assert error.status_code == 422 and "Forge" in error.detail and "backend.loader" in error.detail
 
 
 def test_concept_files_linked_into_the_folder_work_and_names_cannot_leave_it(fake, tmp_path):

@@ -347,6 +347,11 @@ def test_named_dict_args_equal_positional_args(client, concept):
 
 @needs_prior
 def test_infotext_reproduces_the_image_over_the_api(client):
+    if ON_FORGE:
+        bare = client.post("/sdapi/v1/txt2img", json={"infotext": "a cat\nSteps: 3, Sampler: Euler, CFG scale: 5, "
+                                                                  "Seed: 1, Size: 64x64"})
+        if bare.status_code == 500 and "parameterized generic" in bare.text:
+            pytest.skip("Forge's /sdapi infotext field fails for any infotext (TypeError in its apply_infotext)")
     first = ok(txt2img(client, [{"enabled": True, "prior": PRIOR, "terms": "+1 a dog", "negative_scale": -1.5}],
                        negative_prompt="ugly"))
     text = infotext(first)
