@@ -478,7 +478,27 @@ def save_checkpoint(job: JobFolder, config: TrainConfig, prepared: Prepared, ste
     return checkpoints.write_checkpoint(job.checkpoints_dir, step, write_concept=write_concept, train_state=state,
                                         meta={"images_seen": step * config.batch_size, "ema": bool(ema),
                                               "created": datetime.datetime.now().isoformat(timespec="seconds")},
-                                        keep_last=config.keep_last)
+                                        keep_last=config.keep_last, slim_state=functools.partial(slim_train_state,
+                                                                                                 config))
+
+
+def slim_train_state(config: TrainConfig, step: int) -> dict[str, Any]:
+    """What an older checkpoint keeps of its train state once a newer one holds the optimizer state."""
+    return {"step": step, "images_seen": step * config.batch_size, "config": config.to_dict()}
+
+
+def _not_resumable(checkpoint: checkpoints.CheckpointInfo) -> checkpoints.CheckpointError:
+    return checkpoints.CheckpointError(
+        f"{checkpoint.path} has no optimizer state (only the newest checkpoint of a job keeps it), so the run "
+        "cannot resume from it exactly; its concept.safetensors is still a usable concept model")
+
+
+def resume_state(checkpoint: checkpoints.CheckpointInfo) -> dict[str, Any]:
+    """The train state to resume from; a checkpoint whose optimizer state was dropped is refused, naming why."""
+    state = checkpoints.load_train_state(checkpoint)
+    if not state.get("resumable", True) or "optimizer" not in state:
+        raise _not_resumable(checkpoint)
+    return state
 
 
 def load_training_unet(config: TrainConfig, job: JobFolder, checkpoint: checkpoints.CheckpointInfo | None,
@@ -524,6 +544,8 @@ def train(config: TrainConfig, job: JobFolder, *, resume: bool = False, stop: St
     if resume:  # refused before anything is written (status.json would read "step 20 of 10")
         newest = checkpoints.latest_checkpoint(job.checkpoints_dir)
         check_resume_length(config, newest.step if newest is not None else 0)
+        if newest is not None and not checkpoints.has_resume_state(newest):
+            raise _not_resumable(newest)
     accelerator = make_accelerator(config)
     reporter = JobReporter(job, enabled=accelerator.is_main_process)  # only process 0 writes files
     with stop_on_signals(stop):
@@ -568,7 +590,7 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
     checkpoint = checkpoints.latest_checkpoint(job.checkpoints_dir) if resume else None
     if resume and checkpoint is None:
         log.info("no checkpoint in %s: starting from step 0", job.checkpoints_dir)
-    state = checkpoints.load_train_state(checkpoint) if checkpoint else None
+    state = resume_state(checkpoint) if checkpoint else None
     unet = load_training_unet(config, job, checkpoint, state)
     unet = unet.to(device)
     use_sdpa_attention(unet)
