@@ -13,7 +13,7 @@ import logging
 import modules.scripts as scripts
 from modules import script_callbacks, shared
 
-from gcfg_webui import api, generation, hosts, infotext, model_files, settings, xyz
+from gcfg_webui import access, api, generation, hosts, infotext, model_files, settings, xyz
 
 logger = logging.getLogger("gcfg")
 
@@ -110,7 +110,7 @@ def _detach(p):
 
 
 def _on_app_started(demo, app) -> None:
-    api.add_routes(app, getattr(shared.cmd_opts, "api_auth", None), priors=model_files.list_prior_titles,
+    api.add_routes(app, access.AccessPolicy.from_cmd_opts(shared.cmd_opts), priors=model_files.list_prior_titles,
                    concepts=model_files.list_concept_models, free_models=model_files.CACHE.clear,
                    last_run=generation.last_run)
 

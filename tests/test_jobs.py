@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -93,9 +94,7 @@ def fake_manager(tmp_path, fake_env):
 
     yield make
     for manager in managers:
-        for child in list(manager._children.values()):
-            child.kill()
-            child.wait()
+        manager.supervisor.kill_all_children()
 
 
 def fake_values(fake_env, **overrides) -> dict:
@@ -418,7 +417,7 @@ def test_reattach_to_a_job_started_by_another_manager(fake_manager, fake_env):
     assert second.get("tiny").state == JobState.TRAINING
     second.stop("tiny")
     wait_for(second, "tiny", in_state(JobState.STOPPED))
-    first._children["tiny"].wait(timeout=BACKSTOP_S)
+    first.supervisor._children["tiny"].wait(timeout=BACKSTOP_S)
     first.tick()  # the old manager reaps its child and agrees
     assert first.get("tiny").state == JobState.STOPPED
 
@@ -451,17 +450,21 @@ def real_manager(tmp_path, tiny_checkpoint):
 
 
 @pytest.mark.slow
-def test_real_trainer_start_progress_stop_resume_complete(real_manager, tmp_path):
+def test_real_trainer_start_progress_stop_resume_complete(real_manager, tmp_path, monkeypatch):
     manager, dataset, checkpoint = real_manager
     manager.create(manager.new_config(tiny_values(dataset, checkpoint, max_steps=500)))
     training = wait_for(manager, "tiny", lambda i: i.state == JobState.TRAINING and i.step >= 3, "training")
     assert training.images_per_second and training.eta_seconds is not None and 0 < training.progress < 1
-    manager.stop("tiny")
+    with monkeypatch.context() as no_signals:  # as on Windows: the stop file alone stops the real trainer
+        no_signals.setattr(os, "kill", lambda pid, sig: None)
+        manager.stop("tiny")
     stopped = wait_for(manager, "tiny", in_state(JobState.STOPPED), "stopped")
     assert stopped.last_checkpoint and f"step-{stopped.step:06d}" in stopped.last_checkpoint
-    assert "stopped at step" in stopped.message and "training tiny from step 0" in manager.log_tail("tiny")
+    assert "stopped at step" in stopped.message and "stop requested by the job manager" in stopped.message
+    assert "training tiny from step 0" in manager.log_tail("tiny")
     manager.resume("tiny", max_steps=stopped.step + 2)
-    done = wait_for(manager, "tiny", lambda i: i.state == JobState.COMPLETED and i.published, "completed")
+    done = wait_for(manager, "tiny", lambda i: i.state == JobState.COMPLETED and i.published_step == i.step,
+                    "completed and published")
     assert done.step == stopped.step + 2
     assert f"training tiny from step {stopped.step} to {done.step}" in manager.log_tail("tiny", 200)
     published = tmp_path / "concepts" / "tiny.safetensors"
@@ -486,7 +489,7 @@ def test_real_trainer_reattach_crash_resume_cancel(real_manager):
     os.killpg(running.pid, signal.SIGKILL)
     interrupted = wait_for(restarted, "tiny", in_state(JobState.INTERRUPTED), "interrupted")
     assert JobAction.RESUME in interrupted.actions
-    manager._children["tiny"].wait(timeout=BACKSTOP_S)
+    manager.supervisor._children["tiny"].wait(timeout=BACKSTOP_S)
     manager.tick()
     assert manager.get("tiny").state == JobState.INTERRUPTED
     restarted.resume("tiny")
@@ -496,3 +499,167 @@ def test_real_trainer_reattach_crash_resume_cancel(real_manager):
     cancelled = restarted.cancel("tiny")
     assert cancelled.state == JobState.CANCELLED
     assert not psutil.pid_exists(resumed.pid) or psutil.Process(resumed.pid).status() == psutil.STATUS_ZOMBIE
+
+
+# --- process identity, process trees and signal-free stops (portable job control)
+
+
+def test_process_identity_compares_path_components(tmp_path):
+    (tmp_path / "face").mkdir()
+    (tmp_path / "face2").mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "--config",
+                                str(tmp_path / "face2" / "config.json")])
+    try:
+        created = psutil.Process(sleeper.pid).create_time()
+        assert jobs.process_matches(sleeper.pid, created, tmp_path / "face2")
+        assert not jobs.process_matches(sleeper.pid, created, tmp_path / "face")
+        assert not jobs.process_matches(sleeper.pid, None, tmp_path / "face")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_stopping_or_cancelling_a_job_never_touches_another_whose_name_extends_it(fake_manager, fake_env):
+    manager = fake_manager(env={"FAKE_STEP_S": "0.05"})
+    manager.create(manager.new_config(fake_values(fake_env, name="face2", max_steps=10_000)))
+    manager.create(manager.new_config(fake_values(fake_env, name="face", max_steps=10_000)), start=False)
+    other = wait_for(manager, "face2", lambda i: i.state == JobState.TRAINING and i.step >= 1)
+    # `face` says it trains under the pid that is now face2's trainer (a status left from before a restart, the
+    # pid reused since), with no start time to tell them apart: only the command line can.
+    JobFolder(manager.root / "face").write_status(JobStatus(state=JobState.TRAINING, step=3, total_steps=9,
+                                                            pid=other.pid))
+    with pytest.raises(JobConflictError, match="while it is interrupted"):
+        manager.stop("face")
+    with pytest.raises(JobConflictError, match="while it is interrupted"):
+        manager.cancel("face")
+    still = manager.get("face2")
+    assert still.state == JobState.TRAINING and still.pid == other.pid and still.requested is None
+    assert psutil.Process(other.pid).status() != psutil.STATUS_ZOMBIE
+    assert not JobFolder(manager.root / "face2").stop_request_path.exists()
+    assert wait_for(manager, "face2", lambda i: i.step > still.step).state == JobState.TRAINING
+
+
+def test_cancel_ends_the_whole_process_tree(fake_manager, fake_env):
+    manager = fake_manager(env={"FAKE_STEP_S": "0.05", "FAKE_GRANDCHILD": "1"})
+    manager.create(manager.new_config(fake_values(fake_env, max_steps=10_000)))
+    wait_for(manager, "tiny", lambda i: i.step >= 1)
+    helper = psutil.Process(int((manager.root / "tiny" / "grandchild.pid").read_text()))
+    try:
+        assert helper.is_running()
+        manager.cancel("tiny")
+        helper.wait(timeout=BACKSTOP_S)  # it left the trainer's process group, so only a tree kill reaches it
+    finally:
+        if helper.is_running():
+            helper.kill()
+
+
+def test_stop_reaches_the_trainer_without_any_signal(fake_manager, fake_env, monkeypatch):
+    """Windows has no SIGTERM: the stop file alone must end the run as a resumable stop."""
+    manager = fake_manager(env={"FAKE_STEP_S": "0.05"})
+    manager.create(manager.new_config(fake_values(fake_env, max_steps=10_000)))
+    running = wait_for(manager, "tiny", lambda i: i.state == JobState.TRAINING and i.step >= 1)
+    sent = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    manager.stop("tiny")
+    stopped = wait_for(manager, "tiny", in_state(JobState.STOPPED), "stopped by the stop file")
+    assert stopped.step >= running.step and JobAction.RESUME in stopped.actions
+    monkeypatch.undo()
+    manager.resume("tiny", max_steps=stopped.step + 3)
+    assert wait_for(manager, "tiny", in_state(JobState.COMPLETED)).step == stopped.step + 3
+
+
+def test_managers_of_one_root_exclude_each_other_without_fcntl(fake_manager, fake_env, tmp_path, monkeypatch):
+    """The lock must not depend on fcntl (missing on Windows): another process holding it makes a manager wait."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("trainer.jobs"), "fcntl", None, raising=False)
+    manager = fake_manager()
+    release = tmp_path / "release"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, pathlib, filelock\n"
+        "with filelock.FileLock(sys.argv[1]):\n"
+        "    print('held', flush=True)\n"
+        "    while not pathlib.Path(sys.argv[2]).exists(): time.sleep(0.01)\n"),
+        str(manager.root / ".jobs.lock"), str(release)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (manager.list_jobs(), done.set()), daemon=True)
+        worker.start()
+        assert not done.wait(0.5), "the manager did not wait for the other process's lock"
+        release.touch()
+        assert done.wait(BACKSTOP_S)
+    finally:
+        release.touch()
+        holder.wait(timeout=BACKSTOP_S)
+
+
+# --- publishing
+
+
+def test_publishing_never_overwrites_a_file_this_job_did_not_publish(fake_manager, fake_env, tmp_path):
+    manager = fake_manager(env={"FAKE_STEP_S": "0.05"})
+    manager.create(manager.new_config(fake_values(fake_env, max_steps=10_000)))
+    wait_for(manager, "tiny", lambda i: i.state == JobState.TRAINING and i.step >= 2)
+    concepts = tmp_path / "concepts"
+    concepts.mkdir(exist_ok=True)
+    users = concepts / "tiny.safetensors"
+    users.write_bytes(b"the user's own model")  # appeared while the job trained
+    manager.stop("tiny")
+    stopped = wait_for(manager, "tiny", lambda i: i.state == JobState.STOPPED and i.published)
+    assert users.read_bytes() == b"the user's own model"
+    assert stopped.published == str(concepts / "tiny-2.safetensors")
+    assert Path(stopped.published).read_bytes() == f"concept {stopped.step}".encode()
+    assert "published as tiny-2.safetensors" in stopped.message and "tiny.safetensors" in stopped.message
+
+    # Its own file is replaced by the next publish ...
+    manager.resume("tiny", max_steps=stopped.step + 2)
+    done = wait_for(manager, "tiny", lambda i: i.state == JobState.COMPLETED and i.published_step == i.step)
+    assert done.step == stopped.step + 2 and Path(done.published).read_bytes() == f"concept {done.step}".encode()
+    assert done.published == str(concepts / "tiny-2.safetensors") and users.read_bytes() == b"the user's own model"
+
+
+def test_a_published_file_someone_changed_is_not_overwritten(fake_manager, fake_env, tmp_path):
+    manager = fake_manager(env={"FAKE_STEP_S": "0.05"})
+    manager.create(manager.new_config(fake_values(fake_env, max_steps=10_000)))
+    wait_for(manager, "tiny", lambda i: i.state == JobState.TRAINING and i.step >= 1)
+    manager.stop("tiny")
+    stopped = wait_for(manager, "tiny", lambda i: i.state == JobState.STOPPED and i.published)
+    first = Path(stopped.published)
+    assert first == tmp_path / "concepts" / "tiny.safetensors"
+    first.write_bytes(b"edited by hand")
+    manager.resume("tiny", max_steps=stopped.step + 2)
+    done = wait_for(manager, "tiny", lambda i: i.state == JobState.COMPLETED and i.published != str(first))
+    assert first.read_bytes() == b"edited by hand"
+    assert Path(done.published).name == "tiny-2.safetensors"
+    assert Path(done.published).read_bytes() == f"concept {done.step}".encode()
+
+
+def test_publishing_streams_the_model_instead_of_reading_it_whole(fake_manager, fake_env, tmp_path):
+    import tracemalloc
+
+    sys.path.insert(0, str(FAKE_TRAINER_DIR))
+    from fake_trainer import write_checkpoint
+
+    manager = fake_manager()
+    manager.create(manager.new_config(fake_values(fake_env)), start=False)
+    path = manager.root / "tiny"
+    job = JobFolder(path)
+    write_checkpoint(job, 5)
+    size = 48 * 1024 * 1024
+    model = os.urandom(size)
+    (job.checkpoints_dir / "step-000005" / "concept.safetensors").write_bytes(model)
+    job.write_status(JobStatus(state=JobState.STOPPED, step=5, total_steps=9))
+    record = json.loads((path / "job.json").read_text())
+    record.update(pid=2**22 + 12345, launches=1)  # a trainer that ended while no manager watched
+    (path / "job.json").write_text(json.dumps(record))
+    del model
+    tracemalloc.start()
+    try:
+        manager.tick()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    published = tmp_path / "concepts" / "tiny.safetensors"
+    assert manager.get("tiny").published == str(published) and published.stat().st_size == size
+    assert peak < size / 4, f"publishing held {peak / 2**20:.1f} MiB in memory for a {size / 2**20:.0f} MiB model"

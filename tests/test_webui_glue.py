@@ -476,10 +476,11 @@ def test_routes_validate_terms_and_require_api_auth(fake):
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from gcfg_webui import api
+    from gcfg_webui import access, api
 
     app = FastAPI()
-    api.add_routes(app, "alice:secret", priors=lambda: ["p.safetensors [0]"], concepts=lambda: [],
+    policy = access.AccessPolicy.from_cmd_opts(SimpleNamespace(api=True, api_auth="alice:secret"))
+    api.add_routes(app, policy, priors=lambda: ["p.safetensors [0]"], concepts=lambda: [],
                    free_models=lambda: 0, last_run=dict)
     client = TestClient(app)
     assert client.get("/gcfg/v1/priors").status_code == 401

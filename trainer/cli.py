@@ -229,8 +229,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def _run(config: TrainConfig, job, *, resume: bool, quiet: bool) -> int:
     from trainer.jobfolder import JobState
     from trainer.loop import train
+    from trainer.stopping import StopFileFlag, stop_on_break
 
-    result = train(config, job, resume=resume, progress=not quiet)
+    stop = StopFileFlag(job=job)  # the job manager's stop file works where signals do not (Windows)
+    with stop_on_break(stop):
+        result = train(config, job, resume=resume, stop=stop, progress=not quiet)
     if is_main_process():
         sys.stdout.write(result.message + "\n")
     return EXIT_FAILED if result.state == JobState.FAILED else EXIT_OK

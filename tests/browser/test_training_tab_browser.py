@@ -1,5 +1,6 @@
-"""Browser test of the "GCFG Training" tab: headless Chromium (playwright-core, driven by node) creates a tiny job
-on the tab served by gradio 3.41 against the fake WebUI host, watches its progress move, screenshots, cancels it.
+"""Browser test of the "GCFG Training" tab: headless Chromium (playwright-core, driven by node) on the tab served by
+gradio 3.41 against the fake WebUI host: no console or page error, one-line values in one-line inputs, a tiny job
+that trains, stops, resumes and completes while the status line follows it, screenshots (light and dark), delete.
 
 Skipped unless `node`, a Chromium binary (env CHROMIUM, else `chromium` on PATH) and the npm package
 playwright-core (found through env NODE_PATH, e.g. NODE_PATH=/opt/tools/node_modules) are all available. Screenshots
@@ -54,7 +55,7 @@ def browser_tools():
 
 
 @pytest.mark.slow
-def test_create_watch_progress_and_cancel_in_a_browser(browser_tools, tmp_path):
+def test_train_stop_resume_complete_in_a_browser_without_page_errors(browser_tools, tmp_path):
     node, chromium = browser_tools
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -24,6 +24,7 @@ import os
 import time
 
 import pytest
+from waiting import BACKSTOP_S
 from webui_responses import max_difference, ok
 
 pytestmark = [pytest.mark.webui, pytest.mark.skipif(
@@ -41,7 +42,7 @@ TOLERANCE = 1
 @pytest.fixture(scope="module")
 def client():
     httpx = pytest.importorskip("httpx")
-    with httpx.Client(base_url=URL, timeout=900) as session:
+    with httpx.Client(base_url=URL, timeout=BACKSTOP_S) as session:
         yield session
 
 
