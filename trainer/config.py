@@ -121,7 +121,7 @@ class TrainConfig:
     validation_fraction: float = field(default=0.05, metadata=_help(
         "Share of the images held out for the validation loss (0 = none); at least validation_min_images."))
     validation_min_images: int = field(default=8, metadata=_help(
-        "Smallest held-out set; a dataset under twice this size is not split (no validation loss)."))
+        "Smallest held-out set; a dataset under four times this size is not split (no validation loss)."))
     validation_every_steps: int = field(default=500, metadata=_help(
         "Validation loss every N steps, at fixed noise and timesteps (0 = off)."))
     seed: int = field(default=0, metadata=_help("Seed of data order, noise and timesteps (exact resume)."))

@@ -1,8 +1,8 @@
 """Validation: a held-out split of the images and their loss at fixed noise and timesteps.
 
 * **Split** (`held_out_images`): `max(validation_min_images, ⌈fraction · N⌉)` images chosen by a seeded
-  permutation, held out of the data order (their mirrors too). A dataset with fewer than twice that many
-  images is not split: holding out half of a small set would cost more than the curve tells.
+  permutation, held out of the data order (their mirrors too). A dataset with fewer than four times that many
+  images is not split: holding out more than a quarter of a small set would cost more than the curve tells.
 * **Loss** (`validation_loss`): eps-prediction MSE of every held-out image (the posterior mean, no VAE sampling
   noise) at each of `VALIDATION_TIMESTEPS`, with noise drawn from a generator seeded by (seed, image,
   timestep). The same numbers go in at every evaluation, so the curve moves only when the model does; it is
@@ -30,7 +30,7 @@ def held_out_count(num_images: int, fraction: float, minimum: int) -> int:
     if fraction <= 0:
         return 0
     count = max(minimum, math.ceil(fraction * num_images))
-    return count if num_images >= 2 * count else 0
+    return count if num_images >= 4 * count else 0
 
 
 def held_out_images(num_images: int, fraction: float, minimum: int, seed: int) -> tuple[int, ...]:
