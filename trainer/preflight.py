@@ -18,7 +18,8 @@ per sample):
 The estimate is a planning figure (±30 %), not a guarantee: the check refuses only when the static state plus
 one micro-batch cannot fit, and warns when the full peak (with previews) exceeds what is free.
 
-Disk model: latent cache (entries · 8 · (res/8)² · 4 B, ×2 with flips) + two full checkpoints (the newest is
+Disk model: latent cache (entries · 8 · (res/8)² · 4 B, ×2 with flips, + images · (res/8)² · 4 B of masks with
+the masked loss; buckets hold at most res² pixels, so this bounds them too) + two full checkpoints (the newest is
 written while the previous one still holds its optimizer state), each concept UNet weights (fp32, 4 · P) + train
 state (optimizer states, EMA, training weights), + (keep_last − 1) older checkpoints that keep their concept model
 only (trainer.checkpoints) + previews (PNG, ≈1.5 B per pixel) + 5 % margin. Bytes already present in the job's
@@ -164,6 +165,8 @@ def estimate_disk_bytes(config: TrainConfig, num_images: int, latent_shape: tupl
     shape = latent_shape or latent_shape_for(config.resolution)
     entries = num_images * (2 if config.flip else 1)
     cache = entries * math.prod(shape) * cache_bytes_per_value
+    if config.masked_loss:  # one mask channel per image at latent resolution (mirrors read it mirrored)
+        cache += num_images * math.prod(shape[1:]) * cache_bytes_per_value
     # With EMA the concept file holds the averaged weights and the train state both the shadow and the training
     # weights (trainer.loop.save_checkpoint).
     per_param = 4 + _optimizer_bytes_per_param(config) + (8 if config.ema_decay > 0 else 0)
