@@ -223,7 +223,7 @@ class TrainConfig:
             raise ConfigError(f"config is not valid JSON: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict({**ABSENT_IN_OLDER_FILES, **data})
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the config as JSON, atomically."""
@@ -256,6 +256,12 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
         return dataclasses.replace(self, **given)
+
+
+# Fields added after config files were first written, with the value a file without them means: that run had
+# no buckets and no held-out split, and resuming it must not change its data (buckets would re-cache the images
+# at other sizes, a split would drop some from the data order: no longer the same run).
+ABSENT_IN_OLDER_FILES: dict[str, Any] = {"aspect_buckets": False, "validation_fraction": 0.0}
 
 
 # Fields a resumed run may change. Everything else defines the run (data, model, randomness, optimiser kind)
