@@ -354,6 +354,10 @@ PREPARE_INPUTS = ("dataset_dir", "base_checkpoint", "resolution", "resize_policy
                   "calibration_images", "seed", "aspect_buckets", "bucket_max_aspect", "masked_loss", "mask_dir")
 
 
+# Inputs added later, with the value a prepared.json without them was made with (no buckets, no masks).
+PREPARE_INPUTS_BEFORE = {"aspect_buckets": False, "bucket_max_aspect": 2.0, "masked_loss": False, "mask_dir": ""}
+
+
 def prepare_inputs(config: TrainConfig) -> dict[str, Any]:
     values = config.to_dict()
     return {name: values[name] for name in PREPARE_INPUTS}
@@ -386,7 +390,7 @@ def read_prepared(job: JobFolder, config: TrainConfig) -> Prepared | None:
     if not path.is_file() or not (job.path / NULLTEXT_FILE).is_file():
         return None
     prepared = Prepared.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    if prepared.inputs != prepare_inputs(config):
+    if {**PREPARE_INPUTS_BEFORE, **prepared.inputs} != prepare_inputs(config):
         return None
     return prepared if open_latent_cache(job.cache_dir, prepared.cache_key) is not None else None
 
