@@ -207,3 +207,21 @@ def test_bucketed_training_resumes_exactly_and_reports_the_histogram(tmp_path, t
     final_a = load_file(str(checkpoints.latest_checkpoint(job_a.checkpoints_dir).concept_path))
     final_b = load_file(str(checkpoints.latest_checkpoint(job.checkpoints_dir).concept_path))
     assert final_a.keys() == final_b.keys() and all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_an_older_jobs_preparation_still_counts_for_a_run_without_buckets(tmp_path, monkeypatch):
+    import json
+
+    from trainer.config import ABSENT_IN_OLDER_FILES
+
+    job = JobFolder(tmp_path / "job").create()
+    config = TrainConfig(dataset_dir="d", base_checkpoint="b", job_dir=str(job.path), name="n")
+    older_config = config.with_overrides(**ABSENT_IN_OLDER_FILES)  # what an older config.json reads as
+    inputs = {k: v for k, v in loop.prepare_inputs(older_config).items() if k not in loop.PREPARE_INPUTS_BEFORE}
+    key = CacheKey(dataset_fingerprint="f", vae_sha256="v", resolution=512, resize_policy="center-crop", flip=False)
+    prepared = loop.Prepared(key, 10, 0, "base", "sha", "sd1", inputs)
+    (job.path / loop.PREPARED_FILE).write_text(json.dumps(prepared.to_dict()))
+    (job.path / loop.NULLTEXT_FILE).write_bytes(b"x")
+    monkeypatch.setattr(loop, "open_latent_cache", lambda *_: object())
+    assert loop.read_prepared(job, older_config) == prepared  # no re-scan, no re-cache on resume
+    assert loop.read_prepared(job, config) is None  # with buckets on it is another preparation
