@@ -88,6 +88,11 @@ def build_job_config(host: TrainingHost, values: Mapping[str, Any]) -> tuple[Tra
         values["dataset_dir"] = host.policy.check_dataset(values.get("dataset_dir", ""))
     except JobError as e:
         problems.append((e.argument, str(e)))
+    if values.get("mask_dir"):  # masks are read like the images: from the same allowed folders only
+        try:
+            values["mask_dir"] = host.policy.check_dataset(values["mask_dir"], "mask_dir")
+        except JobError as e:
+            problems.append((e.argument, str(e)))
     title = values.get("base_checkpoint")
     checkpoint = host.resolve_checkpoint(title) if isinstance(title, str) and title.strip() else None
     if checkpoint is None:

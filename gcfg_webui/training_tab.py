@@ -43,7 +43,9 @@ SERVER_FIELDS = ("job_dir",)  # chosen by the server, never in the form
 _LABELS = {"lr_schedule": "LR schedule", "ema_decay": "EMA decay", "min_snr_gamma": "Min-SNR γ",
            "adam_beta1": "Adam β1", "adam_beta2": "Adam β2", "adam_epsilon": "Adam ε",
            "dataset_dir": "Dataset folder", "base_checkpoint": "Base checkpoint (SD 1.5)", "name": "Output name",
-           "device": "Device", "preview_seeds": "Preview seeds", "preview_prompts": "Preview prompts"}
+           "device": "Device", "preview_seeds": "Preview seeds", "preview_prompts": "Preview prompts",
+           "aspect_buckets": "Aspect-ratio buckets", "bucket_max_aspect": "Bucket max aspect ratio",
+           "mask_dir": "Mask folder", "masked_loss": "Masked loss"}
 
 
 # Where there is no GPU: a run a CPU finishes (the paper's 512 px / batch 32 / 10,000 steps take days there) in
@@ -200,12 +202,13 @@ LOSS_PLOT_HEIGHT = 260
 
 
 def loss_chart_spec(rows: Sequence[Mapping[str, object]], y_domain: tuple[float, float]) -> str:
-    """Vega-Lite JSON of the loss chart: raw losses as faint dots, the smoothed curve as a line, tooltips, zoom and
-    pan (drag, wheel; double-click resets), as wide as its box."""
+    """Vega-Lite JSON of the loss chart: raw losses as faint dots, the smoothed curve as a line, the validation loss
+    (held-out images) as a line with square marks, tooltips, zoom and pan (drag, wheel; double-click resets), as
+    wide as its box."""
     import altair as alt
     import pandas as pd
 
-    color = alt.Color("series:N", scale=alt.Scale(domain=["loss", "smoothed"], range=[0, 1]),
+    color = alt.Color("series:N", scale=alt.Scale(domain=["loss", "smoothed", "validation"], range=[0, 1, 2]),
                       legend=alt.Legend(title=None, orient="top-right"))
     x = alt.X("step:Q", title="step", axis=alt.Axis(tickMinStep=1, format="d", labelOverlap=True))
     y = alt.Y("loss:Q", title="training loss", scale=alt.Scale(domain=list(y_domain), zero=False))
@@ -215,8 +218,12 @@ def loss_chart_spec(rows: Sequence[Mapping[str, object]], y_domain: tuple[float,
         x=x, y=y, color=color, tooltip=tooltip)
     smoothed = base.transform_filter(alt.datum.series == "smoothed").mark_line(strokeWidth=2.5, clip=True).encode(
         x=x, y=y, color=color, tooltip=tooltip)
-    chart = alt.layer(raw, smoothed).properties(width="container", height=LOSS_PLOT_HEIGHT, background="transparent",
-                                                padding={"top": 30, "left": 8, "right": 12, "bottom": 6})
+    validation = base.transform_filter(alt.datum.series == "validation").mark_line(
+        strokeWidth=2, clip=True, point=alt.OverlayMarkDef(shape="square", size=40)).encode(
+        x=x, y=y, color=color, tooltip=tooltip)
+    chart = alt.layer(raw, smoothed, validation).properties(
+        width="container", height=LOSS_PLOT_HEIGHT, background="transparent",
+        padding={"top": 30, "left": 8, "right": 12, "bottom": 6})
     return chart.interactive().to_json()
 
 
@@ -230,9 +237,9 @@ def loss_plot_value(points: Sequence[Mapping[str, float]]) -> dict | None:
     if not rows:
         return None
     losses = sorted(r["loss"] for r in rows if r["series"] == "loss")
-    smoothed = [r["loss"] for r in rows if r["series"] == "smoothed"]
-    lo = min(losses[int(0.01 * (len(losses) - 1))], min(smoothed))
-    hi = max(losses[math.ceil(0.99 * (len(losses) - 1))], max(smoothed))
+    others = [r["loss"] for r in rows if r["series"] != "loss"]  # smoothed and validation: always in view
+    lo = min(losses[int(0.01 * (len(losses) - 1))] if losses else min(others), min(others))
+    hi = max(losses[math.ceil(0.99 * (len(losses) - 1))] if losses else max(others), max(others))
     pad = 0.05 * (hi - lo) or 0.05 * (abs(hi) or 1)
     return {"type": "altair", "plot": loss_chart_spec(rows, (lo - pad, hi + pad)), "chart": "line"}
 

@@ -20,11 +20,13 @@ def concept_bytes(step: int, write: int) -> bytes:
     return f"step {step} write {write}".encode()
 
 
-def write(root: Path, step: int, index: int, keep_last: int) -> None:
+def write(root: Path, step: int, index: int, keep_last: int, writes: dict[int, int]) -> None:
+    """Write `index` of `step`; older steps then keep a slim train state that still names their write."""
     checkpoints.write_checkpoint(
         root, step, write_concept=lambda path: path.write_bytes(concept_bytes(step, index)),
-        train_state={"format": checkpoints.TRAIN_STATE_FORMAT, "step": step, "write": index},
-        meta={"write": index}, keep_last=keep_last)
+        train_state={"format": checkpoints.TRAIN_STATE_FORMAT, "step": step, "write": index, "optimizer": {}},
+        meta={"write": index}, keep_last=keep_last, slim_state=lambda s: {"step": s, "write": writes[s]})
+    writes[step] = index
 
 
 def main(argv: list[str]) -> None:
@@ -34,10 +36,11 @@ def main(argv: list[str]) -> None:
         checkpoints.recover_checkpoints(root)
         return
     keep_last, steps = int(argv[2]), [int(s) for s in argv[3:]]
+    writes: dict[int, int] = {}
     for index, step in enumerate(steps):
         if index == len(steps) - 1:
             os.environ[checkpoints.PAUSE_ENV] = point  # only the last write stops
-        write(root, step, index, keep_last)
+        write(root, step, index, keep_last, writes)
 
 
 if __name__ == "__main__":

@@ -97,12 +97,33 @@ def test_kill_at_each_crash_point_keeps_every_complete_step(tmp_path, writes, po
     latest = checkpoints.latest_checkpoint(root)
     assert latest is not None and read(latest) == expected
     assert checkpoints.resolve_checkpoint(tmp_path).step == expected[0]
+    # the newest complete step always keeps its optimizer state, whatever older steps were slimmed to
+    assert checkpoints.has_resume_state(latest) and "optimizer" in checkpoints.load_train_state(latest)
     next_writer_keeps(root, expected, steps_after)
 
 
 @pytest.mark.slow
+def test_kill_while_slimming_an_older_step_keeps_the_newest_whole(tmp_path):
+    from trainer.loop import resume_state
+
+    root = tmp_path / "checkpoints"
+    kill_at(root, "slimming", "0", "1", "2")  # step 2 is in place; step 1's state is slim, its meta not yet marked
+    latest = checkpoints.latest_checkpoint(root)
+    assert read(latest) == (2, 1) and "optimizer" in resume_state(latest)
+    old = checkpoints.list_checkpoints(root)[0]
+    assert read(old) == (1, 0) and checkpoints.has_resume_state(old)  # meta.json still says so...
+    with pytest.raises(checkpoints.CheckpointError, match="no optimizer state"):
+        resume_state(old)  # ...but resume reads the state itself
+    checkpoints.write_checkpoint(root, 3, write_concept=lambda p: p.write_bytes(concept_bytes(3, 9)),
+                                 train_state={"format": checkpoints.TRAIN_STATE_FORMAT, "step": 3, "write": 9},
+                                 meta={}, slim_state=lambda s: {"step": s, "write": {1: 0, 2: 1}[s]})
+    assert [checkpoints.has_resume_state(c) for c in checkpoints.list_checkpoints(root)] == [False, False, True]
+    assert [read(c) for c in checkpoints.list_checkpoints(root)] == [(1, 0), (2, 1), (3, 9)]
+
+
+@pytest.mark.slow
 def test_every_crash_point_is_covered():
-    covered = {point for _, point, _, _ in CASES} | {"recovery-trashed", "recovery-promoted"}
+    covered = {point for _, point, _, _ in CASES} | {"slimming", "recovery-trashed", "recovery-promoted"}
     assert covered == set(checkpoints.CRASH_POINTS)
 
 

@@ -155,6 +155,7 @@ def test_preview_png_serves_the_newest_grid(client, host):
     ({"bogus": 1}, "bogus", "unknown config key(s): bogus"),
     ({"name": "../.."}, "name", "no usable characters"),
     ({"job_dir": "/tmp/x"}, "job_dir", "chosen by the server"),
+    ({"mask_dir": "/etc", "masked_loss": True}, "mask_dir", "outside the allowed dataset folders"),
     ({"base_checkpoint": "/etc/passwd"}, "base_checkpoint", "not in the WebUI's checkpoint list"),
     ({"base_checkpoint": None}, "base_checkpoint", "not in the WebUI's checkpoint list"),
     ({"device": "cuda:7"}, "device", "is not one of auto, cpu"),

@@ -35,10 +35,15 @@ def test_disk_formula(tmp_path):
     assert est.cache_bytes == 1000 * 8 * 64 * 64 * 4
     assert est.checkpoint_bytes == SD15_UNET_PARAMS * (4 + 8)  # fp32 weights + AdamW m, v
     assert est.checkpoints_kept == 4 and est.preview_bytes == 0
-    assert est.total_bytes == int(1.05 * (est.cache_bytes + 4 * est.checkpoint_bytes))
+    # only the checkpoint being written and the previous one hold optimizer state; two older ones the concept only
+    assert est.total_bytes == int(1.05 * (est.cache_bytes + 2 * est.checkpoint_bytes + 2 * 4 * SD15_UNET_PARAMS))
+    assert est.total_bytes / GB < 30  # keep_last 3 of a full-size SD 1.5 job: 41 GB while every one kept it all
     flipped = estimate_disk_bytes(make(tmp_path, flip=True, ema_decay=0.999, optimizer="adamw8bit"), 1000)
     assert flipped.cache_bytes == 2 * est.cache_bytes
-    assert flipped.checkpoint_bytes == SD15_UNET_PARAMS * (4 + 2 + 4)
+    masked = estimate_disk_bytes(make(tmp_path, flip=True, masked_loss=True), 1000)
+    assert masked.cache_bytes == 2 * est.cache_bytes + 1000 * 64 * 64 * 4  # + one fp32 mask channel per image
+    # EMA: the concept file holds the averaged weights, the train state the EMA shadow and the training weights
+    assert flipped.checkpoint_bytes == SD15_UNET_PARAMS * (4 + 2 + 4 + 4)
     with_previews = estimate_disk_bytes(make(tmp_path, max_steps=1000, preview_every_steps=100,
                                              preview_prompts=("a",)), 1)
     assert with_previews.preview_bytes == int(11 * 2 * 4 * 512**2 * 1.5)

@@ -32,7 +32,8 @@ def test_cli_prepare_train_status_sample_resume(tmp_path, tiny_checkpoint, capsy
 
     assert main(["-q", "prepare", *args]) == 0
     assert (job.path / "prepared.json").is_file() and job.config_path.is_file()
-    assert "8 images (0 skipped)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "8 images (0 skipped)" in out and "buckets: 64x64 8\n" in out  # the histogram of the scan
 
     # train from the job's own config file, with one flag on top
     assert main(["-q", "train", "--config", str(job.config_path), "--max-steps", "3"]) == 0

@@ -208,3 +208,16 @@ def test_config_fields_describe_every_field():
 def test_job_name_must_be_a_plain_file_name(name):
     with pytest.raises(ConfigError, match="name"):
         make(name=name)
+
+
+def test_a_config_file_from_before_buckets_and_validation_keeps_its_run():
+    new = TrainConfig(dataset_dir="d", base_checkpoint="b", job_dir="j", name="n")
+    assert new.aspect_buckets is True and new.validation_fraction == 0.05  # the defaults of new jobs
+    assert TrainConfig.from_json(new.to_json()) == new
+    older = json.loads(new.to_json())
+    del older["aspect_buckets"], older["validation_fraction"], older["bucket_max_aspect"]
+    loaded = TrainConfig.from_json(json.dumps(older))
+    assert loaded.aspect_buckets is False and loaded.validation_fraction == 0.0  # square, every image trained
+    assert loaded.bucket_max_aspect == 2.0
+    # a request's partial values (the tab, REST) get the defaults of new jobs
+    assert TrainConfig.from_dict({k: v for k, v in older.items() if k != "config_version"}).aspect_buckets is True

@@ -39,7 +39,7 @@ def _final_weights(job: JobFolder) -> dict[str, torch.Tensor]:
 def test_resume_continues_with_bit_identical_losses_and_weights(tmp_path, tiny_checkpoint):
     # Every stateful feature on: EMA, warm-up + cosine, min-SNR, noise offset, accumulation, checkpointing.
     features = dict(max_steps=6, ema_decay=0.8, warmup_steps=2, lr_schedule="cosine", min_snr_gamma=5.0,
-                    noise_offset=0.05, gradient_checkpointing=True, learning_rate=1e-3, checkpoint_every_steps=0)
+                    noise_offset=0.05, gradient_checkpointing=True, learning_rate=1e-3, checkpoint_every_steps=2)
     whole = tiny_config(tmp_path / "a", tiny_checkpoint, **features)
     uninterrupted = loop.train(whole, JobFolder(whole.job_dir), progress=False)
 
@@ -50,6 +50,9 @@ def test_resume_continues_with_bit_identical_losses_and_weights(tmp_path, tiny_c
     assert first.state == JobState.STOPPED and first.step == 3
     assert job.read_status().state == JobState.STOPPED
     assert checkpoints.latest_checkpoint(job.checkpoints_dir).step == 3
+    # only the newest checkpoint keeps the optimizer state; the resume below reads it
+    kept = checkpoints.list_checkpoints(job.checkpoints_dir)
+    assert [(c.step, checkpoints.has_resume_state(c)) for c in kept] == [(2, False), (3, True)]
     second = loop.train(split, job, resume=True, progress=False)
 
     assert second.state == JobState.COMPLETED and sorted(second.losses) == [4, 5, 6]

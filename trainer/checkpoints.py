@@ -6,6 +6,11 @@ Layout under a job's `checkpoints/`::
     step-000123/  concept.safetensors  (the deliverable: loadable by gcfg_core and the WebUI script)
                   train_state.pt       (optimizer, EMA, step, data position, RNG scheme: everything exact resume needs)
                   meta.json            (written last; its presence marks the folder complete)
+
+Only the newest checkpoint keeps the resume state (optimizer, EMA, training weights: about 2/3 of a full
+SD 1.5 checkpoint's 10 GB): once a newer one is complete, the trainer replaces the older ones' train state by a
+small record (`resumable: false`), so `keep_last` costs one concept model per older step. Until then the previous
+one stays whole, so a crash while saving never leaves a job without a resumable checkpoint.
     latest        (text: the name of the newest folder; a hint for people and tools, the folders are the truth)
 
 Hidden folders beside them, each with a role in its name:
@@ -42,7 +47,7 @@ from typing import Any
 
 import torch
 
-from gcfg_core.fileio import atomic_write_text, fsync_dir
+from gcfg_core.fileio import atomic_path, atomic_write_text, fsync_dir
 
 log = logging.getLogger("gcfg.trainer.checkpoints")
 
@@ -61,8 +66,8 @@ _TRASH_PREFIX = f"{_TMP_PREFIX}delete-"
 # waits there until it is killed (tests/test_checkpoint_crashes.py kills it with SIGKILL at each point).
 PAUSE_ENV = "GCFG_CHECKPOINT_PAUSE_AT"
 PAUSED_MARK = "gcfg-checkpoint-paused-at"
-CRASH_POINTS = ("staging-partial", "staged", "replaced", "promoted", "old-in-trash", "pruning", "recovery-trashed",
-                "recovery-promoted")
+CRASH_POINTS = ("staging-partial", "staged", "replaced", "promoted", "old-in-trash", "pruning", "slimming",
+                "recovery-trashed", "recovery-promoted")
 
 
 def _crash_point(name: str) -> None:
@@ -276,6 +281,38 @@ def _write_synced(path: Path, write: Callable[[Any], None], mode: str = "wb") ->
         os.fsync(f.fileno())
 
 
+RESUME_STATE_KEY = "resume_state"  # in meta.json: whether train_state.pt still holds the optimizer state
+
+
+def has_resume_state(info: CheckpointInfo) -> bool:
+    """Whether a checkpoint still holds what exact resume needs (meta.json says; folders without the key do)."""
+    try:
+        return bool(info.meta().get(RESUME_STATE_KEY, True))
+    except (OSError, ValueError):
+        return False
+
+
+def drop_resume_state(info: CheckpointInfo, slim_state: dict[str, Any]) -> bool:
+    """Replace a checkpoint's train state by `slim_state` (no optimizer state), then mark meta.json so.
+
+    Each file is replaced atomically; a crash in between leaves a slim state under a meta that still says
+    "resume state": the next save slims it again, and resume reads `resumable` in the state itself. Returns False
+    when a file could not be replaced (e.g. open in another process on Windows): it is tried again next save.
+    """
+    try:
+        with atomic_path(info.train_state_path) as tmp:
+            _write_synced(tmp, lambda f: torch.save({"format": TRAIN_STATE_FORMAT, "resumable": False,
+                                                     **slim_state}, f))
+        _crash_point("slimming")
+        meta = info.meta()
+        meta[RESUME_STATE_KEY] = False
+        atomic_write_text(info.meta_path, json.dumps(meta, indent=2, sort_keys=True))
+    except OSError as exc:
+        log.warning("could not drop the optimizer state of %s: %s", info.path, exc)
+        return False
+    return True
+
+
 def write_checkpoint(
     checkpoints_dir: str | os.PathLike,
     step: int,
@@ -284,10 +321,13 @@ def write_checkpoint(
     train_state: dict[str, Any],
     meta: dict[str, Any],
     keep_last: int = 0,
+    slim_state: Callable[[int], dict[str, Any]] | None = None,
 ) -> CheckpointInfo:
     """Write `step-NNNNNN/` atomically, point `latest` at it and prune to `keep_last`; returns the new checkpoint.
 
     `write_concept(path)` writes the concept model file (gcfg_core.concept_file.save_concept_model).
+    `slim_state(step)`: when given, every older checkpoint that still has its resume state gets this small train
+    state instead, once the new one is in place (the optimizer state lives in the newest checkpoint only).
     """
     root = Path(checkpoints_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -302,7 +342,8 @@ def write_checkpoint(
         write_concept(staging / CONCEPT_FILE)
         _crash_point("staging-partial")
         _write_synced(staging / TRAIN_STATE_FILE, lambda f: torch.save(train_state, f))
-        meta_text = json.dumps({"format": CHECKPOINT_FORMAT, "step": step, **meta}, indent=2, sort_keys=True)
+        meta_text = json.dumps({"format": CHECKPOINT_FORMAT, "step": step, RESUME_STATE_KEY: True, **meta}, indent=2,
+                               sort_keys=True)
         _write_synced(staging / META_FILE, lambda f: f.write(meta_text), "w")
         fsync_dir(staging)
     except BaseException:
@@ -324,6 +365,10 @@ def write_checkpoint(
         _trash(replaced, "old-in-trash")
     _write_pointer(root, final.name)
     prune_checkpoints(root, keep_last)
+    if slim_state is not None:
+        for older in list_checkpoints(root):
+            if older.step != step and has_resume_state(older):
+                drop_resume_state(older, slim_state(older.step))
     log.info("saved checkpoint %s", final)
     return CheckpointInfo(final, step)
 

@@ -223,6 +223,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         prepared = prepare(config, job, progress=not args.quiet, num_processes=_world_size())
     sys.stdout.write(f"prepared {config.job_dir}: {prepared.num_images} images ({prepared.num_skipped} skipped), "
                      f"latent cache and null-text vectors ready\n")
+    sys.stdout.write("buckets: " + ", ".join(f"{name} {count}" for name, count in prepared.buckets.items()) + "\n")
     return EXIT_OK
 
 

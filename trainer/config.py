@@ -74,10 +74,22 @@ class TrainConfig:
     job_dir: str = field(metadata=_help("Job folder: config, status, events, log, cache, checkpoints, previews."))
     name: str = field(metadata=_help("Job name; letters, digits, '.', '_' and '-' (used in file names)."))
     # --- data
-    resolution: int = field(default=512, metadata=_help("Training size in pixels (square, a multiple of 64)."))
+    resolution: int = field(default=512, metadata=_help(
+        "Training size in pixels (a multiple of 64): the square's side, or the pixel count of a bucket, ≈ side²."))
     resize_policy: ResizePolicy = field(
         default=ResizePolicy.CENTER_CROP,
-        metadata=_help("Non-square images: 'center-crop' or 'squash' (resize without crop). Square: plain resize."))
+        metadata=_help("Image to its training size (square or bucket): 'center-crop' or 'squash' (resize without "
+                       "crop). Square images: plain resize."))
+    aspect_buckets: bool = field(default=True, metadata=_help(
+        "Aspect-ratio buckets: each image trains at the size of ≈ resolution² pixels (sides multiples of 64) "
+        "nearest its shape; batches stay within a bucket. Square datasets train exactly as without."))
+    bucket_max_aspect: float = field(default=2.0, metadata=_help(
+        "Longest side / shortest side of the widest bucket (≥ 1); more elongated images are cropped or squashed."))
+    masked_loss: bool = field(default=False, metadata=_help(
+        "Weight the loss per pixel by a mask: a same-named file in mask_dir, else the image's alpha channel; "
+        "images without one train on every pixel."))
+    mask_dir: str = field(default="", metadata=_help(
+        "Folder of masks (greyscale, white = train), same relative paths and names as the images (any extension)."))
     min_image_size: int = field(
         default=256,
         metadata=_help("Images whose short side is below this many pixels are skipped and reported (0 = keep all)."))
@@ -105,6 +117,13 @@ class TrainConfig:
     min_snr_gamma: float = field(default=0.0, metadata=_help("Min-SNR loss weighting γ (0 = off; 5 is common)."))
     noise_offset: float = field(default=0.0, metadata=_help("Noise offset (0 = off; 0.05-0.1 typical)."))
     compile: bool = field(default=False, metadata=_help("torch.compile the UNet."))
+    # --- validation (held-out images, never trained on)
+    validation_fraction: float = field(default=0.05, metadata=_help(
+        "Share of the images held out for the validation loss (0 = none); at least validation_min_images."))
+    validation_min_images: int = field(default=8, metadata=_help(
+        "Smallest held-out set; a dataset under four times this size is not split (no validation loss)."))
+    validation_every_steps: int = field(default=500, metadata=_help(
+        "Validation loss every N steps, at fixed noise and timesteps (0 = off)."))
     seed: int = field(default=0, metadata=_help("Seed of data order, noise and timesteps (exact resume)."))
     # --- checkpoints and previews
     checkpoint_every_steps: int = field(default=500, metadata=_help("Save every N optimizer steps (0 = off)."))
@@ -204,7 +223,7 @@ class TrainConfig:
             raise ConfigError(f"config is not valid JSON: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict({**ABSENT_IN_OLDER_FILES, **data})
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the config as JSON, atomically."""
@@ -239,6 +258,12 @@ class TrainConfig:
         return dataclasses.replace(self, **given)
 
 
+# Fields added after config files were first written, with the value a file without them means: that run had
+# no buckets and no held-out split, and resuming it must not change its data (buckets would re-cache the images
+# at other sizes, a split would drop some from the data order: no longer the same run).
+ABSENT_IN_OLDER_FILES: dict[str, Any] = {"aspect_buckets": False, "validation_fraction": 0.0}
+
+
 # Fields a resumed run may change. Everything else defines the run (data, model, randomness, optimiser kind)
 # and must stay as it was, or "resume" would silently become a different training (anchors-training.md,
 # complaint 3; sd-scripts #1110: users could not change the learning rate on resume).
@@ -252,6 +277,7 @@ RESUME_MUTABLE_FIELDS: frozenset[str] = frozenset({
     "preview_every_steps", "preview_prompts", "preview_seeds", "preview_concept_weight", "preview_steps",
     "preview_sampler",
     "calibration_images",  # only used before step 0; the calibrated vectors are in the checkpoint
+    "validation_every_steps",
     "cache_batch_size", "num_workers", "device",
 })
 
@@ -262,6 +288,9 @@ _ORDER = "the data order and every step's noise follow from it (exact resume)"
 _LOSS = "it defines the loss the run optimises"
 RESUME_FIXED_REASONS: dict[str, str] = {
     "dataset_dir": _CACHE, "resolution": _CACHE, "resize_policy": _CACHE, "min_image_size": _CACHE, "flip": _CACHE,
+    "aspect_buckets": _CACHE, "bucket_max_aspect": _CACHE, "masked_loss": _CACHE, "mask_dir": _CACHE,
+    "validation_fraction": "the held-out images are left out of the data order",
+    "validation_min_images": "the held-out images are left out of the data order",
     "base_checkpoint": "the concept UNet started from it and the null-text vectors were calibrated on it",
     "batch_size": _ORDER, "seed": _ORDER,
     "optimizer": "the checkpoint holds this optimizer's state",
@@ -327,6 +356,8 @@ def config_fields() -> tuple[FieldSpec, ...]:
 _FIELD_TYPES: dict[str, Any] = {
     "dataset_dir": str, "base_checkpoint": str, "job_dir": str, "name": str,
     "resolution": int, "resize_policy": ResizePolicy, "min_image_size": int, "flip": bool,
+    "aspect_buckets": bool, "bucket_max_aspect": float, "masked_loss": bool, "mask_dir": str,
+    "validation_fraction": float, "validation_min_images": int, "validation_every_steps": int,
     "learning_rate": float, "batch_size": int, "micro_batch_size": int, "adam_beta1": float, "adam_beta2": float,
     "adam_epsilon": float, "weight_decay": float, "optimizer": Optimizer, "lr_schedule": LRSchedule,
     "warmup_steps": int, "max_steps": int, "max_grad_norm": float, "mixed_precision": MixedPrecision,
@@ -415,6 +446,13 @@ def _value_problems(c: TrainConfig) -> list[str]:
     need(64 <= c.resolution <= 4096 and c.resolution % 64 == 0, "resolution",
          "must be a multiple of 64 between 64 and 4096 (the VAE downsamples 8×, the UNet 8× more)")
     need(c.min_image_size >= 0, "min_image_size", "must be ≥ 0 (0 = keep every size)")
+    need(finite("bucket_max_aspect") and 1 <= c.bucket_max_aspect <= 8, "bucket_max_aspect", "must be in [1, 8]")
+    need(not c.mask_dir or c.masked_loss, "mask_dir", "is set but masked_loss is off; turn masked_loss on or clear "
+         "mask_dir")
+    need(finite("validation_fraction") and 0 <= c.validation_fraction < 0.5, "validation_fraction",
+         "must be in [0, 0.5) (0 = no held-out images)")
+    need(c.validation_min_images >= 1, "validation_min_images", "must be ≥ 1")
+    need(c.validation_every_steps >= 0, "validation_every_steps", "must be ≥ 0 (0 = off)")
     need(finite("learning_rate") and 0 < c.learning_rate <= 1, "learning_rate", "must be in (0, 1] (paper: 1e-5)")
     need(c.micro_batch_size >= 1, "micro_batch_size", "must be ≥ 1")
     need(c.batch_size >= 1, "batch_size", "must be ≥ 1")
@@ -456,6 +494,9 @@ def _path_problems(c: TrainConfig) -> list[str]:
     p = []
     if not Path(c.dataset_dir).is_dir():
         p.append(f"dataset_dir={c.dataset_dir!r} is not an existing folder")
+    if c.mask_dir and not Path(c.mask_dir).is_dir():
+        p.append(f"mask_dir={c.mask_dir!r} is not an existing folder")
+
     if not Path(c.base_checkpoint).is_file():
         p.append(f"base_checkpoint={c.base_checkpoint!r} is not an existing file")
     problem = folder_problem(Path(c.job_dir))

@@ -18,8 +18,12 @@ Policies (documented once, here):
 * **Resize** (`ResizePolicy`), one LANCZOS resampling from the original pixels (antialiased when shrinking):
   square images are resized under every policy; non-square images are either centre-cropped to their
   largest central square (`center-crop`, default) or resized to a square without cropping (`squash`, what the
-  paper does for its square FFHQ/AFHQ data, distorts non-square images).
-  Aspect-ratio buckets are not supported yet: training is square at `resolution`.
+  paper does for its square FFHQ/AFHQ data, distorts non-square images). With aspect-ratio buckets
+  (trainer.buckets, on by default) the target is the image's bucket instead of the square, under the same
+  two policies.
+* **Masks** (masked loss, optional): a same-named file (any image extension) in the mask folder, else the
+  image's alpha channel, else none (every pixel counts). A mask is greyscale, 0 = ignore … 255 = full weight,
+  of any size (it is mapped onto the image's box); it is cropped and resized exactly like its image.
 * **Fingerprint.** sha256 over the sorted (relative path, size in bytes, mtime in ns) of the usable images.
   It identifies the file set, not the training settings: the latent cache key adds resolution, resize policy,
   flips and the VAE. Copying a dataset elsewhere keeps relative paths and sizes but may change mtimes, which
@@ -221,13 +225,77 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def resize_to_square(img: Image.Image, resolution: int, policy: ResizePolicy) -> Image.Image:
     """One LANCZOS resampling to `resolution`² (centre square crop or squash for non-square images)."""
-    w, h = img.size
-    box: tuple[float, float, float, float] = (0.0, 0.0, float(w), float(h))
-    if w != h and ResizePolicy(policy) is ResizePolicy.CENTER_CROP:
-        side = min(w, h)
-        left, top = (w - side) / 2, (h - side) / 2
-        box = (left, top, left + side, top + side)
-    return img.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
+    return resize_to(img, (resolution, resolution), policy)
+
+
+def resize_to(img: Image.Image, size: tuple[int, int], policy: ResizePolicy | str) -> Image.Image:
+    """One LANCZOS resampling to `size` = (width, height): the centred region of that aspect ratio, or squashed."""
+    from trainer.buckets import Bucket, image_geometry
+
+    box = image_geometry(img.width, img.height, Bucket(*size), ResizePolicy(policy).value).box
+    return img.resize(size, Image.Resampling.LANCZOS, box=box)
+
+
+def find_mask(image_path: str | os.PathLike, dataset_dir: str | os.PathLike,
+              mask_dir: str | os.PathLike) -> Path | None:
+    """The mask file of an image: same relative path and stem under `mask_dir`, any image extension."""
+    relative = Path(image_path).resolve().relative_to(Path(dataset_dir).expanduser().resolve())
+    folder = Path(mask_dir).expanduser() / relative.parent
+    for extension in sorted(IMAGE_EXTENSIONS):
+        for candidate in (folder / (relative.stem + extension), folder / (relative.stem + extension.upper())):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def mask_files(scan: DatasetScan, config) -> tuple[str | None, ...]:
+    """Each scanned image's mask file under `config.mask_dir` (None: none there; alpha channel or no mask)."""
+    if not config.mask_dir:
+        return (None,) * len(scan.images)
+    root = scan.root or config.dataset_dir
+    found = [find_mask(r.path, root, config.mask_dir) for r in scan.images]
+    return tuple(None if path is None else str(path) for path in found)
+
+
+def masks_fingerprint(masks: Sequence[str | None]) -> str:
+    """sha256 over each image's mask file (index, path, size, mtime_ns); alpha masks are in the dataset's own."""
+    h = hashlib.sha256(b"gcfg-masks-v1")
+    for index, path in enumerate(masks):
+        if path is not None:
+            st = os.stat(path)
+            h.update(f"\0{index}\0{Path(path).name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+
+
+def load_mask(image_path: str | os.PathLike, mask_path: str | os.PathLike | None, size: tuple[int, int],
+              policy: ResizePolicy | str) -> torch.Tensor:
+    """The loss weight of an image's pixels at `size` = (width, height): float [1, height, width] in [0, 1].
+
+    From `mask_path` when given, else the image's alpha channel, else ones (no mask: every pixel counts).
+    """
+    with Image.open(image_path) as img:
+        img = ImageOps.exif_transpose(img)
+        width, height = img.size
+        if mask_path is None:
+            if not _has_alpha(img):
+                return torch.ones(1, size[1], size[0])
+            mask = img.convert("RGBA").getchannel("A")
+        else:
+            mask = None
+    if mask is None:
+        try:
+            with Image.open(mask_path) as opened:
+                mask = ImageOps.exif_transpose(opened).convert("L")
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            raise ImageLoadError(f"cannot read mask {str(mask_path)!r} of {str(image_path)!r}: {e}") from e
+        if mask.size != (width, height):  # e.g. a half-size mask: mapped onto the whole image
+            mask = mask.resize((width, height), Image.Resampling.BILINEAR)
+    resized = resize_to(mask, size, policy)
+    return torch.from_numpy(np.asarray(resized, dtype=np.float32).copy())[None].div_(255.0)
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -236,9 +304,10 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def load_image(record_or_path: ImageRecord | str | os.PathLike, resolution: int,
+def load_image(record_or_path: ImageRecord | str | os.PathLike, resolution: int | tuple[int, int],
                policy: ResizePolicy | str = ResizePolicy.CENTER_CROP) -> torch.Tensor:
-    """Decode, orient, convert to RGB and resize one image; tensor [3, resolution, resolution] in [-1, 1]."""
+    """Decode, orient, convert to RGB and resize one image to `resolution`² (or (width, height)); tensor
+    [3, height, width] in [-1, 1]."""
     path = record_or_path.path if isinstance(record_or_path, ImageRecord) else os.fspath(record_or_path)
     try:
         with Image.open(path) as img:
@@ -246,19 +315,29 @@ def load_image(record_or_path: ImageRecord | str | os.PathLike, resolution: int,
             img = _to_rgb(img)
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageLoadError(f"cannot read image {path!r} (changed since the dataset scan?): {e}") from e
-    return pil_to_tensor(resize_to_square(img, resolution, ResizePolicy(policy)))
+    size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    return pil_to_tensor(resize_to(img, size, ResizePolicy(policy)))
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """The scanned images as tensors, for a DataLoader (the latent-cache build uses it with workers)."""
+    """The scanned images as tensors, for a DataLoader (the latent-cache build uses it with workers).
 
-    def __init__(self, images: Sequence[ImageRecord], resolution: int, policy: ResizePolicy | str):
+    `sizes`: each image's (width, height), e.g. its bucket (default: `resolution`²). `masks`: when given, each
+    image's mask file or None (alpha channel or no mask); items are then (image, mask) pairs (`load_mask`).
+    """
+
+    def __init__(self, images: Sequence[ImageRecord], resolution: int, policy: ResizePolicy | str,
+                 sizes: Sequence[tuple[int, int]] | None = None, masks: Sequence[str | None] | None = None):
         self.images = tuple(images)
-        self.resolution = resolution
+        self.sizes = tuple(sizes) if sizes is not None else ((resolution, resolution),) * len(self.images)
+        self.masks = tuple(masks) if masks is not None else None
         self.policy = ResizePolicy(policy)
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return load_image(self.images[index], self.resolution, self.policy)
+    def __getitem__(self, index: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        image = load_image(self.images[index], self.sizes[index], self.policy)
+        if self.masks is None:
+            return image
+        return image, load_mask(self.images[index].path, self.masks[index], self.sizes[index], self.policy)

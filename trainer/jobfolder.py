@@ -324,9 +324,19 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default()  # a small bitmap font: still readable, not at this size
 
 
-def _loss_points(events: Iterable[Mapping[str, Any]]) -> tuple[list[float], list[float]]:
+VALIDATION = "validation"  # the event type (events.jsonl) and series name (loss points) of the held-out loss
+
+
+def is_validation_point(event: Mapping[str, Any]) -> bool:
+    return event.get("type") == VALIDATION or event.get("series") == VALIDATION
+
+
+def _loss_points(events: Iterable[Mapping[str, Any]], validation: bool = False) -> tuple[list[float], list[float]]:
+    """(steps, losses) of the training steps (events of type "step", or plain points), or of the validation."""
     steps, losses = [], []
     for e in events:
+        if is_validation_point(e) != validation or (not validation and e.get("type") not in (None, "step")):
+            continue
         step, loss = e.get("step"), e.get("loss")
         if isinstance(step, int | float) and isinstance(loss, int | float) and math.isfinite(loss):
             steps.append(float(step))
@@ -343,11 +353,14 @@ PLOT_THEMES = {
     "light": ((255, 255, 255), (60, 60, 60), (232, 232, 232), (33, 33, 33), (160, 190, 230), (25, 90, 180)),
     "dark": ((24, 24, 27), (190, 190, 190), (58, 58, 64), (235, 235, 235), (70, 100, 150), (110, 170, 255)),
 }
+VALIDATION_COLOURS = {"light": (200, 60, 20), "dark": (255, 140, 90)}  # orange-red: apart from the blues
 
 
 def render_loss_plot(events: Iterable[Mapping[str, Any]], *, width: int = 800, height: int = 400,
                      smoothing: float | None = None, theme: str = "light") -> bytes:
     """PNG of loss against step: raw points, smoothed curve, axes with round ticks; drawn 2× then downsampled.
+
+    Validation losses (events of type "validation") are drawn beside them as an orange line with square marks.
 
     `smoothing`: EMA weight of the curve; default adapts to the run length. `theme`: "light" or "dark". Text is
     sized for the image shown at its own size (at least 13 px labels at 800 px wide).
@@ -364,8 +377,14 @@ def render_loss_plot(events: Iterable[Mapping[str, Any]], *, width: int = 800, h
     left, right, top, bottom = round(78 * scale) * s, 20 * s, round(40 * scale) * s, round(52 * scale) * s
     x0, x1, y0, y1 = left, W - right, top, H - bottom
 
+    events = list(events)
     steps, losses = _loss_points(events)
+    val_steps, val_losses = _loss_points(events, validation=True)
+    val_colour = VALIDATION_COLOURS[theme]
     draw.text((x0, 10 * s), "training loss", fill=text, font=font)
+    if val_steps:
+        title_width = draw.textlength("training loss", font=font)
+        draw.text((x0 + title_width + 16 * s, 10 * s), "validation", fill=val_colour, font=font)
     if not steps:
         draw.rectangle((x0, y0, x1, y1), outline=axis, width=s)
         draw.text(((x0 + x1) // 2, (y0 + y1) // 2), "no loss values yet", fill=text, font=font, anchor="mm")
@@ -376,13 +395,13 @@ def render_loss_plot(events: Iterable[Mapping[str, Any]], *, width: int = 800, h
     smoothed = smooth(losses, smoothing)
     ordered = sorted(losses)
     # Robust y range: one diverged step should not flatten the whole curve.
-    y_lo = min(_percentile(ordered, 0.01), min(smoothed))
-    y_hi = max(_percentile(ordered, 0.99), max(smoothed))
+    y_lo = min(_percentile(ordered, 0.01), min(smoothed), *val_losses)
+    y_hi = max(_percentile(ordered, 0.99), max(smoothed), *val_losses)
     if y_hi - y_lo < 1e-12:
         y_lo, y_hi = y_lo - 0.5 * (abs(y_lo) or 1), y_hi + 0.5 * (abs(y_hi) or 1)
     pad = 0.05 * (y_hi - y_lo)
     y_lo, y_hi = y_lo - pad, y_hi + pad
-    x_lo, x_hi = min(steps), max(steps)
+    x_lo, x_hi = min(steps + val_steps), max(steps + val_steps)
     if x_hi == x_lo:
         x_lo, x_hi = x_lo - 1, x_hi + 1
     x_pad = 0.01 * (x_hi - x_lo)  # keep the first and last dots off the frame
@@ -418,10 +437,17 @@ def render_loss_plot(events: Iterable[Mapping[str, Any]], *, width: int = 800, h
     else:
         draw.ellipse((line[0][0] - 3 * s, line[0][1] - 3 * s, line[0][0] + 3 * s, line[0][1] + 3 * s),
                      fill=line_colour)
+    validation_line = [(px(a), py(b)) for a, b in zip(val_steps, val_losses, strict=True)]
+    if len(validation_line) > 1:
+        draw.line(validation_line, fill=val_colour, width=2 * s)
+    for x, y in validation_line:
+        draw.rectangle((x - 3 * s, y - 3 * s, x + 3 * s, y + 3 * s), fill=val_colour)
 
     draw.rectangle((x0, y0, x1, y1), outline=axis, width=s)
     draw.text(((x0 + x1) // 2, H - 6 * s), "step", fill=text, font=small, anchor="md")
     summary = f"last {losses[-1]:.4g}   smoothed {smoothed[-1]:.4g}   steps {int(steps[-1])}"
+    if val_losses:
+        summary = f"validation {val_losses[-1]:.4g}   " + summary
     draw.text((x1, 10 * s), summary, fill=text, font=small, anchor="ra")
     return _png(img.resize((width, height), Image.Resampling.LANCZOS))
 

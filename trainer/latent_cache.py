@@ -18,6 +18,14 @@ when disk is short.
 With flips, the cache has `2 × images` entries: entry `i < N` is image `i`, entry `N + i` its mirror. An epoch
 over the entries shows every image once each way.
 
+Aspect-ratio buckets (trainer.buckets): each image is encoded at its own size, given to the build as
+`sizes`; `layout.json` records them, and shards hold the images of one size each — the images of each size in
+scan order, sizes in sorted order (`shard_layout`). With a single size this is the plain layout above, so a
+square dataset's cache looks as it did before buckets.
+
+Masks (masked loss): with `masks` given, each shard also holds `mask` `[n, 1, h, w]`, the image's mask
+average-pooled to latent resolution (ones for an image without a mask); a mirrored entry reads it mirrored.
+
 Any change of the key (dataset files, VAE weights, resolution, resize policy, flips, storage dtype) deletes
 the old shards and rebuilds; the log says which part changed.
 
@@ -52,6 +60,8 @@ log = logging.getLogger("gcfg.trainer.latent_cache")
 CACHE_FORMAT_VERSION = 1
 SHARD_SIZE = 256
 MANIFEST_NAME = "manifest.json"
+LAYOUT_NAME = "layout.json"
+LATENT_DOWNSAMPLE = 8  # pixels per latent pixel (every SD VAE)
 _STORAGE_DTYPES = {"float32": (torch.float32, np.float32, "F32"), "float16": (torch.float16, np.float16, "F16")}
 # ldm's DiagonalGaussianDistribution clamps logvar to this range before sampling; we match it exactly.
 _LOGVAR_MIN, _LOGVAR_MAX = -30.0, 20.0
@@ -71,6 +81,8 @@ class CacheKey:
     resize_policy: str
     flip: bool
     storage_dtype: str = "float32"
+    buckets: str = ""  # how image sizes were chosen ("" = every image square at `resolution`; trainer.buckets)
+    masks: str = ""  # fingerprint of the loss masks ("" = no masks)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "resize_policy", ResizePolicy(self.resize_policy).value)
@@ -143,14 +155,34 @@ def _write_manifest(cache_dir: Path, key: CacheKey, num_images: int, latent_shap
 
 
 def _clear_cache_dir(cache_dir: Path) -> None:
-    """Delete only what a cache build writes (shards, manifest, stray temp files), nothing else."""
+    """Delete only what a cache build writes (shards, manifest, layout, stray temp files), nothing else."""
     for path in cache_dir.glob("shard-*.safetensors"):
         path.unlink()
     for path in cache_dir.glob(".shard-*.tmp"):
         path.unlink()
-    manifest = cache_dir / MANIFEST_NAME
-    if manifest.exists():
-        manifest.unlink()
+    for name in (MANIFEST_NAME, LAYOUT_NAME):
+        if (cache_dir / name).exists():
+            (cache_dir / name).unlink()
+
+
+def shard_layout(sizes: Sequence[tuple[int, int]], shard_size: int) -> list[list[int]]:
+    """The images of each shard: grouped by size (sizes sorted), scan order within a size, `shard_size` each."""
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for image, size in enumerate(sizes):
+        by_size.setdefault(tuple(size), []).append(image)
+    return [images[start:start + shard_size] for size in sorted(by_size) for images in [by_size[size]]
+            for start in range(0, len(images), shard_size)]
+
+
+def _read_sizes(cache_dir: Path, num_images: int, resolution: int) -> list[tuple[int, int]]:
+    """Each image's (width, height) from `layout.json`; a cache without one is square at `resolution`."""
+    path = cache_dir / LAYOUT_NAME
+    if not path.is_file():
+        return [(resolution, resolution)] * num_images
+    sizes = [tuple(size) for size in json.loads(path.read_text(encoding="utf-8"))["sizes"]]
+    if len(sizes) != num_images:
+        raise ValueError(f"{path} lists {len(sizes)} images, the manifest {num_images}")
+    return sizes
 
 
 def _memmap_safetensors(path: Path) -> dict[str, np.memmap]:
@@ -181,9 +213,23 @@ class LatentCache:
         self.key = CacheKey(**manifest["key"])
         self.num_images: int = manifest["num_images"]
         self.shard_size: int = manifest["shard_size"]
-        self.latent_shape: tuple[int, ...] = tuple(manifest["latent_shape"])
-        num_shards = -(-self.num_images // self.shard_size)
-        self._shards = [_memmap_safetensors(_shard_path(self.cache_dir, s)) for s in range(num_shards)]
+        self.latent_shape: tuple[int, ...] = tuple(manifest["latent_shape"])  # of the first shard
+        self.image_sizes: tuple[tuple[int, int], ...] = tuple(_read_sizes(self.cache_dir, self.num_images,
+                                                                          self.key.resolution))
+        layout = shard_layout(self.image_sizes, self.shard_size)
+        self._where = [(0, 0)] * self.num_images  # image -> (shard, row)
+        for shard, images in enumerate(layout):
+            for row, image in enumerate(images):
+                self._where[image] = (shard, row)
+        self._shards = [_memmap_safetensors(_shard_path(self.cache_dir, s)) for s in range(len(layout))]
+
+    @property
+    def has_masks(self) -> bool:
+        return bool(self.key.masks)
+
+    def entry_size(self, index: int) -> tuple[int, int]:
+        """(width, height) in pixels of a cache entry's image (its bucket)."""
+        return self.image_sizes[self.entry(index)[0]]
 
     def __len__(self) -> int:
         return self.num_images * (2 if self.key.flip else 1)
@@ -199,9 +245,30 @@ class LatentCache:
         rows = []
         for index in indices:
             image, flipped = self.entry(int(index))
-            shard = self._shards[image // self.shard_size]
-            rows.append(shard["moments_flipped" if flipped else "moments"][image % self.shard_size])
+            shard, row = self._where[image]
+            rows.append(self._shards[shard]["moments_flipped" if flipped else "moments"][row])
+        self._check_one_size(indices)
         return torch.from_numpy(np.stack(rows).astype(np.float32, copy=False))
+
+    def _check_one_size(self, indices: Sequence[int]) -> None:
+        sizes = {self.entry_size(int(i)) for i in indices}
+        if len(sizes) > 1:
+            raise ValueError(f"latent cache entries {list(indices)} have different sizes "
+                             f"({', '.join(f'{w}x{h}' for w, h in sorted(sizes))}); a batch takes one bucket")
+
+    def masks(self, indices: Sequence[int]) -> torch.Tensor | None:
+        """fp32 loss masks `[B, 1, h, w]` of the given entries (mirrored for mirrored entries), or None without
+        masks."""
+        if not self.has_masks:
+            return None
+        self._check_one_size(indices)
+        rows = []
+        for index in indices:
+            image, flipped = self.entry(int(index))
+            shard, row = self._where[image]
+            mask = np.asarray(self._shards[shard]["mask"][row], dtype=np.float32)
+            rows.append(mask[..., ::-1] if flipped else mask)
+        return torch.from_numpy(np.ascontiguousarray(np.stack(rows)))
 
     def sample_latents(self, indices: Sequence[int], generator: torch.Generator | None = None,
                        device: torch.device | str | None = None) -> torch.Tensor:
@@ -226,7 +293,12 @@ def open_latent_cache(cache_dir: str | os.PathLike, key: CacheKey) -> LatentCach
         return None
     if _manifest_key(manifest) != key:
         return None
-    num_shards = -(-manifest["num_images"] // manifest["shard_size"])
+    try:
+        sizes = _read_sizes(cache_dir, manifest["num_images"], key.resolution)
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("latent cache layout in %s is unreadable (%s); it will be rebuilt", cache_dir, e)
+        return None
+    num_shards = len(shard_layout(sizes, manifest["shard_size"]))
     missing = [s for s in range(num_shards) if not _shard_path(cache_dir, s).is_file()]
     if missing:
         log.warning("latent cache in %s lacks shard(s) %s; it will be rebuilt", cache_dir, missing)
@@ -234,8 +306,9 @@ def open_latent_cache(cache_dir: str | os.PathLike, key: CacheKey) -> LatentCach
     return LatentCache(cache_dir, manifest)
 
 
-def _resumable_shards(cache_dir: Path, key: CacheKey, num_images: int) -> list[int]:
-    """Finished shards of an earlier build for the same key; clears the folder when the key changed."""
+def _resumable_shards(cache_dir: Path, key: CacheKey, num_images: int,
+                      sizes: Sequence[tuple[int, int]]) -> list[int]:
+    """Finished shards of an earlier build for the same key and sizes; clears the folder otherwise."""
     manifest = _read_manifest(cache_dir)
     if manifest is None:
         _clear_cache_dir(cache_dir)
@@ -254,19 +327,30 @@ def _resumable_shards(cache_dir: Path, key: CacheKey, num_images: int) -> list[i
     if manifest.get("num_images") != num_images:  # same fingerprint implies same count; guard anyway
         _clear_cache_dir(cache_dir)
         return []
+    try:
+        same_sizes = _read_sizes(cache_dir, num_images, key.resolution) == list(sizes)
+    except (OSError, ValueError, KeyError):
+        same_sizes = False
+    if not same_sizes:  # the key names the bucket settings, so this is a guard too
+        _clear_cache_dir(cache_dir)
+        return []
     return [s for s in manifest.get("finished_shards", []) if _shard_path(cache_dir, s).is_file()]
 
 
 def _encode_shard(images: Sequence, key: CacheKey, vae_encode: Callable[[torch.Tensor], torch.Tensor],
                   batch_size: int, num_workers: int, on_batch: Callable[[int], None],
-                  should_stop: Callable[[], bool] | None) -> dict[str, torch.Tensor]:
+                  should_stop: Callable[[], bool] | None, sizes: Sequence[tuple[int, int]],
+                  masks: Sequence[str | None] | None) -> dict[str, torch.Tensor]:
     storage = _STORAGE_DTYPES[key.storage_dtype][0]
-    loader = torch.utils.data.DataLoader(ImageDataset(images, key.resolution, key.resize_policy),
-                                         batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    plain, flipped = [], []
+    dataset = ImageDataset(images, key.resolution, key.resize_policy, sizes=sizes, masks=masks)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    plain, flipped, pooled_masks = [], [], []
     for batch in loader:
         if should_stop is not None and should_stop():
             raise CacheInterrupted("latent cache build stopped on request; finished shards are kept")
+        if masks is not None:
+            batch, mask = batch
+            pooled_masks.append(torch.nn.functional.avg_pool2d(mask, LATENT_DOWNSAMPLE).to(storage))
         plain.append(vae_encode(batch).float().cpu().to(storage))
         if key.flip:
             flipped.append(vae_encode(torch.flip(batch, dims=[-1])).float().cpu().to(storage))
@@ -274,6 +358,8 @@ def _encode_shard(images: Sequence, key: CacheKey, vae_encode: Callable[[torch.T
     tensors = {"moments": torch.cat(plain).contiguous()}
     if key.flip:
         tensors["moments_flipped"] = torch.cat(flipped).contiguous()
+    if masks is not None:
+        tensors["mask"] = torch.cat(pooled_masks).contiguous()
     return tensors
 
 
@@ -288,15 +374,24 @@ def build_latent_cache(
     progress: bool = True,
     progress_callback: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    sizes: Sequence[tuple[int, int]] | None = None,
+    masks: Sequence[str | None] | None = None,
 ) -> LatentCache:
     """Encode every image of `scan` once (reusing a finished or partial cache for the same key) and open it.
 
     `vae_encode` maps images `[B, 3, H, W]` in [-1, 1] to moments `[B, 8, h, w]` (see `vae_moments_fn`).
     `should_stop` is polled between batches; when it returns True, `CacheInterrupted` is raised.
+    `sizes`: each image's (width, height) (its bucket; default `key.resolution`²). `masks`: with `key.masks`,
+    each image's mask file or None (alpha channel, else no mask; trainer.data.load_mask).
     """
     if key.dataset_fingerprint != scan.fingerprint:
         raise ValueError(f"CacheKey.dataset_fingerprint={key.dataset_fingerprint!r} does not match "
                          f"the scan's fingerprint {scan.fingerprint!r}")
+    if bool(key.masks) != (masks is not None):
+        raise ValueError("masks must be given exactly when CacheKey.masks is set")
+    sizes = [tuple(s) for s in sizes] if sizes is not None else [(key.resolution, key.resolution)] * len(scan.images)
+    if len(sizes) != len(scan.images) or (masks is not None and len(masks) != len(scan.images)):
+        raise ValueError(f"sizes/masks must have one entry per image ({len(scan.images)})")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     existing = open_latent_cache(cache_dir, key)
@@ -304,11 +399,13 @@ def build_latent_cache(
         log.info("latent cache in %s is up to date (%d images)", cache_dir, existing.num_images)
         return existing
     num_images = len(scan.images)
-    finished = _resumable_shards(cache_dir, key, num_images)
+    finished = _resumable_shards(cache_dir, key, num_images, sizes)
     manifest = _read_manifest(cache_dir)
     latent_shape = manifest.get("latent_shape") if manifest and finished else None
-    num_shards = -(-num_images // SHARD_SIZE)
-    done = sum(min(SHARD_SIZE, num_images - s * SHARD_SIZE) for s in finished)
+    layout = shard_layout(sizes, SHARD_SIZE)
+    if any(s != (key.resolution, key.resolution) for s in sizes) and not (cache_dir / LAYOUT_NAME).is_file():
+        atomic_write_text(cache_dir / LAYOUT_NAME, json.dumps({"sizes": [list(s) for s in sizes]}) + "\n")
+    done = sum(len(layout[s]) for s in finished)
     if finished:
         log.info("resuming latent cache build in %s: %d of %d images already encoded", cache_dir, done, num_images)
     bar = ConsoleProgress(num_images, initial=done, desc="caching latents", unit="images", enabled=progress)
@@ -323,14 +420,16 @@ def build_latent_cache(
             progress_callback(done, num_images)
 
     try:
-        for shard in range(num_shards):
+        for shard, members in enumerate(layout):
             if shard in finished:
                 continue
-            images = scan.images[shard * SHARD_SIZE:(shard + 1) * SHARD_SIZE]
-            tensors = _encode_shard(images, key, vae_encode, batch_size, num_workers, on_batch, should_stop)
-            latent_shape = list(tensors["moments"].shape[1:])
+            tensors = _encode_shard([scan.images[i] for i in members], key, vae_encode, batch_size, num_workers,
+                                    on_batch, should_stop, [sizes[i] for i in members],
+                                    None if masks is None else [masks[i] for i in members])
+            if shard == 0:
+                latent_shape = list(tensors["moments"].shape[1:])
             with atomic_path(_shard_path(cache_dir, shard)) as tmp:
-                save_file(tensors, str(tmp), metadata={"first_image": str(shard * SHARD_SIZE)})
+                save_file(tensors, str(tmp), metadata={"first_image": str(members[0])})
             finished.append(shard)
             _write_manifest(cache_dir, key, num_images, latent_shape, finished, complete=False)
     finally:

@@ -43,8 +43,9 @@ from gcfg_core.fileio import atomic_path, atomic_write_text
 from gcfg_core.models import load_sd_checkpoint
 from gcfg_core.nulltext import calibrate_nulltext, convert_to_nulltext
 from trainer import checkpoints
+from trainer.buckets import Bucket, BucketBatches, bucket_histogram, dataset_buckets, dominant_bucket, entry_groups
 from trainer.config import LRSchedule, Optimizer, TrainConfig, check_resume_length
-from trainer.data import scan_dataset
+from trainer.data import mask_files, masks_fingerprint, scan_dataset
 from trainer.distributed import JobReporter, make_accelerator, release_accelerator, resolve_device
 from trainer.jobfolder import JobFolder, JobState
 from trainer.latent_cache import (
@@ -57,6 +58,7 @@ from trainer.latent_cache import (
 )
 from trainer.preflight import check_mixed_precision, preflight_job
 from trainer.progress import ConsoleProgress
+from trainer.validation import held_out_images, masked_mse, training_entries, validation_loss
 
 log = logging.getLogger("gcfg.trainer.loop")
 
@@ -144,8 +146,10 @@ def loss_weights_min_snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, 
 
 
 def diffusion_loss(model: nn.Module, latents: torch.Tensor, generator: torch.Generator,
-                   alphas_cumprod: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    """Eps-prediction MSE of one micro-batch; noise and timesteps come from `generator` (always on the CPU)."""
+                   alphas_cumprod: torch.Tensor, config: TrainConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Eps-prediction MSE of one micro-batch; noise and timesteps come from `generator` (always on the CPU).
+
+    `mask` `[B, 1, h, w]` (masked loss) weights each latent pixel (trainer.validation.masked_mse)."""
     batch, channels = latents.shape[:2]
     timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
@@ -156,7 +160,10 @@ def diffusion_loss(model: nn.Module, latents: torch.Tensor, generator: torch.Gen
     timesteps, noise = timesteps.to(device), noise.to(device)
     noisy = noisy_latents(latents, noise, timesteps, alphas_cumprod)
     prediction = model(noisy, timesteps, context=None)  # null-text UNet: no context at all
-    per_sample = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    if mask is None:
+        per_sample = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    else:
+        per_sample = masked_mse(prediction, noise, mask)
     if config.min_snr_gamma:
         per_sample = per_sample * loss_weights_min_snr(timesteps, alphas_cumprod, config.min_snr_gamma)
     return per_sample.mean()
@@ -344,7 +351,11 @@ def stop_on_signals(stop: StopFlag) -> Iterator[None]:
 
 # The config fields the prepared files depend on; a change in any of them means preparing again.
 PREPARE_INPUTS = ("dataset_dir", "base_checkpoint", "resolution", "resize_policy", "flip", "min_image_size",
-                  "calibration_images", "seed")
+                  "calibration_images", "seed", "aspect_buckets", "bucket_max_aspect", "masked_loss", "mask_dir")
+
+
+# Inputs added later, with the value a prepared.json without them was made with (no buckets, no masks).
+PREPARE_INPUTS_BEFORE = {"aspect_buckets": False, "bucket_max_aspect": 2.0, "masked_loss": False, "mask_dir": ""}
 
 
 def prepare_inputs(config: TrainConfig) -> dict[str, Any]:
@@ -363,6 +374,7 @@ class Prepared:
     base_sha256: str
     base_family: str
     inputs: dict[str, Any] = field(default_factory=dict)
+    buckets: dict[str, int] = field(default_factory=dict)  # images per bucket "WxH", largest first
 
     def to_dict(self) -> dict[str, Any]:
         return dict(dataclasses.asdict(self), cache_key=self.cache_key.to_dict())
@@ -378,7 +390,7 @@ def read_prepared(job: JobFolder, config: TrainConfig) -> Prepared | None:
     if not path.is_file() or not (job.path / NULLTEXT_FILE).is_file():
         return None
     prepared = Prepared.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    if prepared.inputs != prepare_inputs(config):
+    if {**PREPARE_INPUTS_BEFORE, **prepared.inputs} != prepare_inputs(config):
         return None
     return prepared if open_latent_cache(job.cache_dir, prepared.cache_key) is not None else None
 
@@ -412,9 +424,21 @@ def _prepare(config: TrainConfig, job: JobFolder, device: torch.device, stop: St
     # Refuse now, with the real image count, rather than after the (long) cache build (anchors-training.md).
     reporter.update(JobState.PREPARING, message="checking disk and memory")
     preflight_job(config, num_images=len(scan.images), num_processes=num_processes, device=device)
+    buckets = dataset_buckets([(r.width, r.height) for r in scan.images], config)
+    histogram = bucket_histogram(buckets)
+    log.info("aspect-ratio buckets: %s", ", ".join(f"{name}: {n}" for name, n in histogram.items()))
+    reporter.event({"type": "buckets", "histogram": histogram})
+    masks = mask_files(scan, config) if config.masked_loss else None
+    if masks is not None:
+        log.info("masked loss: %d of %d images have a mask file (others: alpha channel or every pixel)",
+                 sum(m is not None for m in masks), len(masks))
     base = load_sd_checkpoint(config.base_checkpoint, device=device, dtype=torch.float32)
     key = CacheKey(dataset_fingerprint=scan.fingerprint, vae_sha256=base.sha256 or "", resolution=config.resolution,
-                   resize_policy=config.resize_policy.value, flip=config.flip)
+                   resize_policy=config.resize_policy.value, flip=config.flip,
+                   # all square: the key (and cache) of a run without buckets, so an older job's cache stays valid
+                   buckets=(f"max-aspect {config.bucket_max_aspect:g}"
+                            if any(b.width != b.height for b in buckets) else ""),
+                   masks=masks_fingerprint(masks) if masks is not None else "")
 
     reporter.update(JobState.CACHING, message=f"encoding {len(scan.images)} images")
 
@@ -423,20 +447,23 @@ def _prepare(config: TrainConfig, job: JobFolder, device: torch.device, stop: St
 
     cache = build_latent_cache(job.cache_dir, scan, key, vae_moments_fn(base.vae), batch_size=config.cache_batch_size,
                                num_workers=config.num_workers, progress=progress, progress_callback=cache_progress,
-                               should_stop=stop.is_set)
+                               should_stop=stop.is_set, sizes=[(b.width, b.height) for b in buckets], masks=masks)
 
     reporter.update(JobState.CALIBRATING, message=f"calibrating null-text vectors on {config.calibration_images} "
                     "images")
-    count = min(config.calibration_images, len(cache))
+    # On the dominant bucket's images (one batch takes one size; with a single bucket: every image).
+    dominant = dominant_bucket(buckets)
+    group = [e for e in range(len(cache)) if cache.entry_size(e) == (dominant.width, dominant.height)]
+    count = min(config.calibration_images, len(group))
     generator = torch.Generator().manual_seed(seed_for("calibration", config.seed))
-    latents = cache.sample_latents(global_batch(len(cache), config.seed, 0, count), generator)
+    latents = cache.sample_latents([group[i] for i in global_batch(len(group), config.seed, 0, count)], generator)
     vectors = calibrate_nulltext(base.unet, latents, base.encode_prompts([""]), seed=config.seed,
                                  alphas_cumprod=base.alphas_cumprod, batch_size=config.cache_batch_size)
     with atomic_path(job.path / NULLTEXT_FILE) as tmp:
         save_file({name: v.contiguous() for name, v in vectors.items()}, str(tmp),
                   metadata={"base_sha256": base.sha256 or "", "calibration_images": str(count)})
     prepared = Prepared(key, len(scan.images), len(scan.skipped), base.name, base.sha256 or "", base.family.value,
-                        prepare_inputs(config))
+                        prepare_inputs(config), histogram)
     atomic_write_text(job.path / PREPARED_FILE, json.dumps(prepared.to_dict(), indent=2) + "\n")
     reporter.event({"type": "prepared", **prepared.to_dict()})
     return prepared
@@ -478,7 +505,27 @@ def save_checkpoint(job: JobFolder, config: TrainConfig, prepared: Prepared, ste
     return checkpoints.write_checkpoint(job.checkpoints_dir, step, write_concept=write_concept, train_state=state,
                                         meta={"images_seen": step * config.batch_size, "ema": bool(ema),
                                               "created": datetime.datetime.now().isoformat(timespec="seconds")},
-                                        keep_last=config.keep_last)
+                                        keep_last=config.keep_last, slim_state=functools.partial(slim_train_state,
+                                                                                                 config))
+
+
+def slim_train_state(config: TrainConfig, step: int) -> dict[str, Any]:
+    """What an older checkpoint keeps of its train state once a newer one holds the optimizer state."""
+    return {"step": step, "images_seen": step * config.batch_size, "config": config.to_dict()}
+
+
+def _not_resumable(checkpoint: checkpoints.CheckpointInfo) -> checkpoints.CheckpointError:
+    return checkpoints.CheckpointError(
+        f"{checkpoint.path} has no optimizer state (only the newest checkpoint of a job keeps it), so the run "
+        "cannot resume from it exactly; its concept.safetensors is still a usable concept model")
+
+
+def resume_state(checkpoint: checkpoints.CheckpointInfo) -> dict[str, Any]:
+    """The train state to resume from; a checkpoint whose optimizer state was dropped is refused, naming why."""
+    state = checkpoints.load_train_state(checkpoint)
+    if not state.get("resumable", True) or "optimizer" not in state:
+        raise _not_resumable(checkpoint)
+    return state
 
 
 def load_training_unet(config: TrainConfig, job: JobFolder, checkpoint: checkpoints.CheckpointInfo | None,
@@ -524,6 +571,8 @@ def train(config: TrainConfig, job: JobFolder, *, resume: bool = False, stop: St
     if resume:  # refused before anything is written (status.json would read "step 20 of 10")
         newest = checkpoints.latest_checkpoint(job.checkpoints_dir)
         check_resume_length(config, newest.step if newest is not None else 0)
+        if newest is not None and not checkpoints.has_resume_state(newest):
+            raise _not_resumable(newest)
     accelerator = make_accelerator(config)
     reporter = JobReporter(job, enabled=accelerator.is_main_process)  # only process 0 writes files
     with stop_on_signals(stop):
@@ -562,13 +611,20 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
         else:
             preflight_job(config, num_images=prepared.num_images, num_processes=world, device=device)
     cache: LatentCache = open_latent_cache(job.cache_dir, prepared.cache_key)
+    held_out = held_out_images(cache.num_images, config.validation_fraction, config.validation_min_images,
+                               config.seed)
+    entry_sizes = [cache.entry_size(e) for e in range(len(cache))]
+    batches = BucketBatches(entry_groups(entry_sizes, training_entries(len(cache), cache.num_images, held_out)),
+                            config.batch_size, config.seed)
+    if held_out:
+        log.info("validation: %d of %d images held out", len(held_out), cache.num_images)
     alphas_cumprod = sd1_alphas_cumprod().to(device)
 
     # --- model, optimizer and (on resume) their state
     checkpoint = checkpoints.latest_checkpoint(job.checkpoints_dir) if resume else None
     if resume and checkpoint is None:
         log.info("no checkpoint in %s: starting from step 0", job.checkpoints_dir)
-    state = checkpoints.load_train_state(checkpoint) if checkpoint else None
+    state = resume_state(checkpoint) if checkpoint else None
     unet = load_training_unet(config, job, checkpoint, state)
     unet = unet.to(device)
     use_sdpa_attention(unet)
@@ -595,7 +651,20 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
     if config.preview_every_steps and accelerator.is_main_process:
         from trainer.previews import PreviewRenderer
 
-        renderer = PreviewRenderer(config, job.previews_dir, device=device)
+        dominant = dominant_bucket([Bucket(*size) for size in entry_sizes])
+        renderer = PreviewRenderer(config, job.previews_dir, device=device, size=(dominant.width, dominant.height))
+
+    def validate(at_step: int) -> None:
+        """The held-out loss of the training weights (process 0, the unwrapped UNet: no DDP collective)."""
+        with accelerator.autocast():
+            value = validation_loss(unet, cache, held_out, config.seed, alphas_cumprod,
+                                    batch_size=config.micro_batch_size, device=device)
+        log.info("step %d: validation loss %.5g on %d held-out images", at_step, value, len(held_out))
+        reporter.event({"type": "validation", "step": at_step, "loss": value, "images": len(held_out)})
+
+    validating = bool(held_out) and config.validation_every_steps > 0 and accelerator.is_main_process
+    if validating and step == 0:
+        validate(0)  # the base model's value: where the curve starts
 
     log.info("training %s from step %d to %d: batch %d = %d processes x %d accumulation x %d micro-batch, "
              "%d images in cache", config.name, step, config.max_steps, config.batch_size, world, accumulation,
@@ -613,13 +682,15 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
         for group in optimizer.param_groups:
             group["lr"] = lr
         # 2) forward/backward over this process's micro-batches; DDP syncs gradients on the last one
-        indices = global_batch(len(cache), config.seed, step * config.batch_size, config.batch_size)
+        indices = batches.batch(step)  # one bucket per batch; a pure function of (seed, step)
         loss_sum = torch.zeros((), device=device)
         for a, micro_batch in enumerate(rank_micro_batches(indices, accumulation, world, rank)):
             generator = micro_batch_generator(config.seed, step, a * world + rank)
             with accelerator.accumulate(model):
                 latents = cache.sample_latents(micro_batch, generator).to(device)
-                loss = diffusion_loss(model, latents, generator, alphas_cumprod, config)
+                mask = cache.masks(micro_batch)
+                loss = diffusion_loss(model, latents, generator, alphas_cumprod, config,
+                                      None if mask is None else mask.to(device))
                 accelerator.backward(loss)  # divides by the accumulation steps itself
                 loss_sum += loss.detach()
         step_loss = accelerator.reduce(loss_sum / accumulation, reduction="mean")
@@ -652,6 +723,8 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
         reporter.event({"type": "step", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                         "images_per_s": images_per_s})
         console.update(step, loss=f"{loss_value:.4g}", **{"images/s": f"{images_per_s:.3g}"})
+        if validating and _due(step, config.validation_every_steps):
+            validate(step)
         stop_now = bool(accelerator.reduce(torch.tensor(float(stop.is_set()), device=device), reduction="sum") > 0)
         save_now = (step == config.max_steps or stop_now or _due(step, config.checkpoint_every_steps)
                     or (config.checkpoint_every_minutes > 0

@@ -18,10 +18,12 @@ per sample):
 The estimate is a planning figure (±30 %), not a guarantee: the check refuses only when the static state plus
 one micro-batch cannot fit, and warns when the full peak (with previews) exceeds what is free.
 
-Disk model: latent cache (entries · 8 · (res/8)² · 4 B, ×2 with flips) + (keep_last + 1) checkpoints (the newest
-is written before the oldest is deleted), each concept UNet weights (fp32, 4 · P) + train state (optimizer
-states, EMA) + previews (PNG, ≈1.5 B per pixel) + 5 % margin. Bytes already present in the job's cache and
-checkpoint folders are counted as available, since they are reused or rotated.
+Disk model: latent cache (entries · 8 · (res/8)² · 4 B, ×2 with flips, + images · (res/8)² · 4 B of masks with
+the masked loss; buckets hold at most res² pixels, so this bounds them too) + two full checkpoints (the newest is
+written while the previous one still holds its optimizer state), each concept UNet weights (fp32, 4 · P) + train
+state (optimizer states, EMA, training weights), + (keep_last − 1) older checkpoints that keep their concept model
+only (trainer.checkpoints) + previews (PNG, ≈1.5 B per pixel) + 5 % margin. Bytes already present in the job's
+cache and checkpoint folders are counted as available, since they are reused or rotated.
 
 When: `preflight_job` runs right after the dataset scan, before the latent cache is built or any model is loaded,
 with the image count of the scan, the UNet size read from the base checkpoint's header and the latent shape of the
@@ -77,14 +79,24 @@ def _gb(value: float) -> str:
 @dataclass(frozen=True)
 class DiskEstimate:
     cache_bytes: int
-    checkpoint_bytes: int  # one checkpoint (weights + train state)
+    checkpoint_bytes: int  # one full checkpoint (weights + train state)
     checkpoints_kept: int  # keep_last + 1 while a new one is written
     preview_bytes: int
+    concept_bytes: int = 0  # an older checkpoint: its concept model only
+
+    @property
+    def full_checkpoints(self) -> int:
+        """Checkpoints with their optimizer state at the peak: the one being written and the previous one."""
+        return min(2, self.checkpoints_kept)
+
+    @property
+    def checkpoints_bytes(self) -> int:
+        return (self.full_checkpoints * self.checkpoint_bytes
+                + (self.checkpoints_kept - self.full_checkpoints) * self.concept_bytes)
 
     @property
     def total_bytes(self) -> int:
-        return int(DISK_MARGIN * (self.cache_bytes + self.checkpoints_kept * self.checkpoint_bytes
-                                  + self.preview_bytes))
+        return int(DISK_MARGIN * (self.cache_bytes + self.checkpoints_bytes + self.preview_bytes))
 
 
 @dataclass(frozen=True)
@@ -127,8 +139,11 @@ class PreflightReport:
         device_free = "unknown" if self.available_device_bytes is None else _gb(self.available_device_bytes)
         lines = [
             f"disk: needs {_gb(self.disk.total_bytes)} in {self.disk_path} (cache {_gb(self.disk.cache_bytes)}, "
-            f"{self.disk.checkpoints_kept} × {_gb(self.disk.checkpoint_bytes)} checkpoints, previews "
-            f"{_gb(self.disk.preview_bytes)}), free {_gb(self.available_disk_bytes + self.reusable_disk_bytes)}",
+            f"checkpoints {_gb(self.disk.checkpoints_bytes)}: {self.disk.full_checkpoints} × "
+            f"{_gb(self.disk.checkpoint_bytes)} with optimizer state, "
+            f"{self.disk.checkpoints_kept - self.disk.full_checkpoints} × {_gb(self.disk.concept_bytes)} older, "
+            f"previews {_gb(self.disk.preview_bytes)}), "
+            f"free {_gb(self.available_disk_bytes + self.reusable_disk_bytes)}",
             f"memory on {self.device}: training ≈{_gb(self.memory.training_bytes)}, with previews "
             f"≈{_gb(self.memory.peak_bytes)}, free {device_free}",
         ]
@@ -150,14 +165,18 @@ def estimate_disk_bytes(config: TrainConfig, num_images: int, latent_shape: tupl
     shape = latent_shape or latent_shape_for(config.resolution)
     entries = num_images * (2 if config.flip else 1)
     cache = entries * math.prod(shape) * cache_bytes_per_value
-    per_param = 4 + _optimizer_bytes_per_param(config) + (4 if config.ema_decay > 0 else 0)
+    if config.masked_loss:  # one mask channel per image at latent resolution (mirrors read it mirrored)
+        cache += num_images * math.prod(shape[1:]) * cache_bytes_per_value
+    # With EMA the concept file holds the averaged weights and the train state both the shadow and the training
+    # weights (trainer.loop.save_checkpoint).
+    per_param = 4 + _optimizer_bytes_per_param(config) + (8 if config.ema_decay > 0 else 0)
     checkpoint = unet_param_count * per_param
     previews = 0
     if config.preview_every_steps > 0:
         renders = config.max_steps // config.preview_every_steps + 1
         images = (1 + len(config.preview_prompts)) * len(config.preview_seeds)
         previews = int(renders * images * config.resolution**2 * PNG_BYTES_PER_PIXEL)
-    return DiskEstimate(cache, checkpoint, config.keep_last + 1, previews)
+    return DiskEstimate(cache, checkpoint, config.keep_last + 1, previews, unet_param_count * 4)
 
 
 def estimate_memory_bytes(config: TrainConfig, unet_param_count: int = SD15_UNET_PARAMS,
@@ -299,8 +318,10 @@ def run_preflight(
     disk_free = available_disk_bytes + reusable_disk_bytes
     if disk.total_bytes > disk_free:
         problems.append(f"needs {_gb(disk.total_bytes)} free disk in {disk_path}, has {_gb(disk_free)} "
-                        f"(cache {_gb(disk.cache_bytes)}, {disk.checkpoints_kept} checkpoints of "
-                        f"{_gb(disk.checkpoint_bytes)}; lower keep_last or free space)")
+                        f"(cache {_gb(disk.cache_bytes)}, checkpoints {_gb(disk.checkpoints_bytes)}: "
+                        f"{disk.full_checkpoints} of {_gb(disk.checkpoint_bytes)} with optimizer state and "
+                        f"{disk.checkpoints_kept - disk.full_checkpoints} older of {_gb(disk.concept_bytes)}; lower "
+                        "keep_last or free space)")
 
     memory = estimate_memory_bytes(config, unet_param_count, device)
     if available_device_bytes is None:

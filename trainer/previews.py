@@ -38,19 +38,27 @@ class PreviewSpec:
     concept_weight: float
     steps: int
     sampler: str
-    size: int
+    size: int  # width in pixels
+    height: int = 0  # 0: square (`size`)
 
     @classmethod
-    def from_config(cls, config: TrainConfig, *, size: int | None = None) -> PreviewSpec:
+    def from_config(cls, config: TrainConfig, *, size: int | tuple[int, int] | None = None) -> PreviewSpec:
+        """`size`: side, or (width, height) such as the dataset's dominant bucket; default `config.resolution`²."""
+        width, height = (size, size) if isinstance(size, int) else size or (config.resolution, config.resolution)
         return cls(tuple(config.preview_prompts), tuple(config.preview_seeds), config.preview_concept_weight,
-                   config.preview_steps, config.preview_sampler, size or config.resolution)
+                   config.preview_steps, config.preview_sampler, width, height if height != width else 0)
+
+    @property
+    def width_height(self) -> tuple[int, int]:
+        return self.size, self.height or self.size
 
     def requests(self) -> list[list[GenerationRequest]]:
         """One list of requests per row (concept alone first), one request per seed."""
         settings = GCFGSettings(enabled=True, concept_weight=self.concept_weight)
         rows = [("", 0.0), *((prompt, CONTROL_SCALE) for prompt in self.prompts)]
         return [[GenerationRequest(prompt=prompt, cfg_scale=scale, steps=self.steps, sampler=self.sampler, seed=seed,
-                                   width=self.size, height=self.size, gcfg=settings) for seed in self.seeds]
+                                   width=self.width_height[0], height=self.width_height[1], gcfg=settings)
+                 for seed in self.seeds]
                 for prompt, scale in rows]
 
 
@@ -77,7 +85,7 @@ def render_grid(spec: PreviewSpec, prior: SDModel, concept_unet: nn.Module) -> t
     description = ("GCFG preview grid; rows: concept only (prompt '', CFG 0)"
                    + "".join(f" | {p!r} (CFG {CONTROL_SCALE:g})" for p in spec.prompts)
                    + f"; columns: seeds {list(spec.seeds)}; concept weight {spec.concept_weight:g}; "
-                   f"{spec.sampler}, {spec.steps} steps, {spec.size}x{spec.size}")
+                   f"{spec.sampler}, {spec.steps} steps, {spec.width_height[0]}x{spec.width_height[1]}")
     return image_grid(rows), description
 
 
@@ -98,8 +106,8 @@ class PreviewRenderer:
     """
 
     def __init__(self, config: TrainConfig, previews_dir: str | os.PathLike, *, device: torch.device | str = "cpu",
-                 prior: SDModel | None = None):
-        self.spec = PreviewSpec.from_config(config)
+                 prior: SDModel | None = None, size: tuple[int, int] | None = None):
+        self.spec = PreviewSpec.from_config(config, size=size)
         self.base_checkpoint = config.base_checkpoint
         self.previews_dir = Path(previews_dir)
         self.device = torch.device(device)

@@ -9,13 +9,14 @@ import threading
 import time
 from pathlib import Path
 
-from trainer.jobfolder import render_loss_plot, smooth
+from trainer.jobfolder import VALIDATION, is_validation_point, render_loss_plot, smooth
 
 PLOT_WIDTH, PLOT_HEIGHT = 800, 360
 
 
 class LossSeries:
-    """The (step, loss) points of one events file, read incrementally (a long run has ~10^5 lines)."""
+    """The (step, loss) points of one events file, read incrementally (a long run has ~10^5 lines); validation
+    losses are points with `"series": "validation"`."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -44,8 +45,12 @@ class LossSeries:
                 event = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(event, dict) and event.get("type") == "step" and isinstance(event.get("loss"), int | float):
+            if not isinstance(event, dict) or not isinstance(event.get("loss"), int | float):
+                continue
+            if event.get("type") == "step":
                 self.points.append({"step": event.get("step"), "loss": float(event["loss"])})
+            elif event.get("type") == VALIDATION:
+                self.points.append({"step": event.get("step"), "loss": float(event["loss"]), "series": VALIDATION})
         return len(self.points) > before
 
 
@@ -55,11 +60,15 @@ def default_smoothing(count: int) -> float:
 
 
 def plot_rows(points: list[dict[str, float]], max_points: int = 1500) -> list[dict[str, object]]:
-    """Rows for a line plot: the raw loss (thinned to about `max_points`, keeping each bucket's last point) and the
-    smoothed curve over every point, as {"step", "loss", "series"} with series "loss" or "smoothed"."""
-    finite = [p for p in points if isinstance(p.get("step"), int | float) and math.isfinite(p["loss"])]
+    """Rows for a line plot: the raw loss (thinned to about `max_points`, keeping each bucket's last point), the
+    smoothed curve over every point and every validation loss, as {"step", "loss", "series"} with series "loss",
+    "smoothed" or "validation"."""
+    usable = [p for p in points if isinstance(p.get("step"), int | float) and math.isfinite(p["loss"])]
+    validation = [{"step": p["step"], "loss": p["loss"], "series": VALIDATION} for p in usable
+                  if is_validation_point(p)]
+    finite = [p for p in usable if not is_validation_point(p)]
     if not finite:
-        return []
+        return validation
     smoothed = smooth([p["loss"] for p in finite], default_smoothing(len(finite)))
     stride = max(1, math.ceil(len(finite) / max_points))
     keep = list(range(stride - 1, len(finite), stride))
@@ -70,7 +79,7 @@ def plot_rows(points: list[dict[str, float]], max_points: int = 1500) -> list[di
         rows.append({"step": finite[i]["step"], "loss": finite[i]["loss"], "series": "loss"})
     for i in keep:
         rows.append({"step": finite[i]["step"], "loss": smoothed[i], "series": "smoothed"})
-    return rows
+    return rows + validation
 
 
 class LossCache:

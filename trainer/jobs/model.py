@@ -91,22 +91,23 @@ def is_within(path: str | os.PathLike, root: str | os.PathLike) -> bool:
 
 @dataclass(frozen=True)
 class PathPolicy:
-    """Which folders a job request may name: datasets only inside `dataset_roots` (symlinks resolved)."""
+    """Which folders a job request may name: datasets (and mask folders) only inside `dataset_roots` (symlinks
+    resolved)."""
 
     dataset_roots: tuple[str, ...]
 
-    def check_dataset(self, path: str) -> str:
-        """The resolved dataset folder, or `JobError('dataset_dir', ...)`."""
+    def check_dataset(self, path: str, field: str = "dataset_dir") -> str:
+        """The resolved folder, or `JobError(field, ...)`; `field` names the request's field (e.g. "mask_dir")."""
         if not isinstance(path, str) or not path.strip():
-            raise JobError("dataset_dir", "dataset_dir must name a folder")
+            raise JobError(field, f"{field} must name a folder")
         if "\x00" in path:
-            raise JobError("dataset_dir", "dataset_dir contains a NUL character")
+            raise JobError(field, f"{field} contains a NUL character")
         real = os.path.realpath(os.path.expanduser(path.strip()))
         if not any(is_within(real, root) for root in self.dataset_roots):
             allowed = ", ".join(self.dataset_roots) or "(none configured)"
-            raise JobError("dataset_dir", f"dataset_dir={path!r} is outside the allowed dataset folders: {allowed}")
+            raise JobError(field, f"{field}={path!r} is outside the allowed dataset folders: {allowed}")
         if not os.path.isdir(real):
-            raise JobError("dataset_dir", f"dataset_dir={path!r} is not an existing folder")
+            raise JobError(field, f"{field}={path!r} is not an existing folder")
         return real
 
 
