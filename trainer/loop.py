@@ -529,14 +529,17 @@ def load_training_unet(config: TrainConfig, job: JobFolder, checkpoint: checkpoi
 
 
 def run_memory_options(config: TrainConfig, state: dict[str, Any] | None, device: torch.device,
-                       num_processes: int) -> MemoryOptions:
+                       num_processes: int, accelerator: Any = None) -> MemoryOptions:
     """The memory options of this run: a resumed run's stored ones, else "auto" resolved from the device's free
-    memory now (the preflight's model); logged, and stored in every checkpoint."""
+    memory now (the preflight's model; under a launch, the least any process has, so that all agree); logged,
+    and stored in every checkpoint."""
     options = resolve_on_resume(config, state.get("memory_options") if state else None)
     if options is None and state is not None:  # a checkpoint from before the memory options: what it used then
         options = first_choice(config)
     if options is None:
         available = available_device_memory(device)
+        if num_processes > 1 and available is not None and accelerator is not None:
+            available = int(accelerator.gather(torch.tensor([available], device=device)).min().item())
         options = resolve_memory_options(config, nulltext_unet_param_count(config.base_checkpoint), device,
                                          available, num_processes)
     log.info("memory options: %s", ", ".join(f"{k}={v}" for k, v in options.to_dict().items()))
@@ -612,7 +615,7 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
     if resume and checkpoint is None:
         log.info("no checkpoint in %s: starting from step 0", job.checkpoints_dir)
     state = checkpoints.load_train_state(checkpoint) if checkpoint else None
-    options = run_memory_options(config, state, device, world)
+    options = run_memory_options(config, state, device, world, accelerator)
     reporter.event({"type": "memory_options", **options.to_dict()})
     unet = load_training_unet(config, job, checkpoint, state)
     if options.weight_dtype is WeightDtype.BF16:
@@ -716,7 +719,10 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
             reporter.event({"type": "checkpoint", "step": step, "path": str(info.path)})
             reporter.loss_plot()
         if renderer is not None and _due(step, config.preview_every_steps):
-            with ema.swapped_into(unet) if ema else contextlib.nullcontext(unet) as weights:
+            # bf16 weights take fp32 inputs (the timestep embedding) only under autocast, in previews too
+            bf16 = (torch.autocast(device.type, dtype=torch.bfloat16) if options.weight_dtype is WeightDtype.BF16
+                    else contextlib.nullcontext())
+            with ema.swapped_into(unet) if ema else contextlib.nullcontext(unet) as weights, bf16:
                 preview = renderer.render(weights, step)
             reporter.event({"type": "preview", "step": step, "path": str(preview)})
         reporter.update(JobState.STOPPING if stop_now else JobState.TRAINING, step=step, images_per_second=images_per_s,
