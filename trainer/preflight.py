@@ -47,6 +47,7 @@ from gcfg_core.checkpoint import UNET_PREFIX, read_state_dict_shapes
 from trainer.config import ConfigError, MixedPrecision, Optimizer, TrainConfig
 from trainer.memory import (
     OPTIMIZER_BYTES,
+    SD15_LARGEST_TENSOR,
     MemoryOptions,
     choose_memory_options,
     device_bytes_per_param,
@@ -178,7 +179,8 @@ def estimate_disk_bytes(config: TrainConfig, num_images: int, latent_shape: tupl
 
 
 def estimate_memory_bytes(config: TrainConfig, unet_param_count: int = SD15_UNET_PARAMS,
-                          device: torch.device | str = "cuda", options: MemoryOptions | None = None) -> MemoryEstimate:
+                          device: torch.device | str = "cuda", options: MemoryOptions | None = None,
+                          largest_tensor: int = SD15_LARGEST_TENSOR) -> MemoryEstimate:
     """Memory of one training process on `device` with `options` (module docstring: memory model); an unresolved
     config is estimated with each "auto" field at its most generous value (`trainer.memory.first_choice`)."""
     options = options or first_choice(config)
@@ -198,7 +200,7 @@ def estimate_memory_bytes(config: TrainConfig, unet_param_count: int = SD15_UNET
         preview = int(2 * unet_param_count + 2 * SD_VAE_PARAMS + PREVIEW_SAMPLING_BYTES_512 * scale
                       * len(config.preview_seeds))
     overhead = int(RUNTIME_OVERHEAD_BYTES) if torch.device(device).type == "cuda" else 0
-    return MemoryEstimate(static, activations, preview, overhead, transient_bytes(options))
+    return MemoryEstimate(static, activations, preview, overhead, transient_bytes(options, largest_tensor))
 
 
 def resolve_memory_options(config: TrainConfig, unet_param_count: int, device: torch.device | str,
@@ -281,6 +283,12 @@ def nulltext_unet_param_count(base_checkpoint: str | os.PathLike) -> int:
     shapes = read_state_dict_shapes(base_checkpoint)
     return sum(t.numel() for key, t in shapes.items()
                if key.startswith(UNET_PREFIX) and not _CROSS_ATTENTION_KEY.search(key))
+
+
+def largest_unet_tensor(base_checkpoint: str | os.PathLike) -> int:
+    """Values in the UNet's largest tensor, from the file's header (the per-tensor optimizer transient)."""
+    shapes = read_state_dict_shapes(base_checkpoint)
+    return max(t.numel() for key, t in shapes.items() if key.startswith(UNET_PREFIX))
 
 
 def check_mixed_precision(config: TrainConfig, device: torch.device | str | None = None) -> None:

@@ -19,6 +19,7 @@ The last line printed is one JSON object: option -> modelled and measured MB, an
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import logging
@@ -70,6 +71,7 @@ def child(config_json: str, device: str) -> None:
 
     def on_step(step: int, _loss: float) -> None:
         if step == 1:  # steady state from here: optimizer states exist, loading transients are gone
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages (loading, step 1) back first
             Path("/proc/self/clear_refs").write_text("5")
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -103,7 +105,7 @@ def main() -> None:
     from trainer.jobfolder import JobFolder
     from trainer.loop import prepare
     from trainer.memory import MemoryOptions
-    from trainer.preflight import estimate_memory_bytes, nulltext_unet_param_count
+    from trainer.preflight import estimate_memory_bytes, largest_unet_tensor, nulltext_unet_param_count
 
     logging.basicConfig(level=logging.WARNING)
     # SD 1.5's UNet layout at `channels` width; the small VAE and text encoder of bench_train (only `prepare` uses them)
@@ -121,6 +123,7 @@ def main() -> None:
                            preview_every_steps=0, mixed_precision="no", gradient_checkpointing=True, keep_last=1)
         prepare(base, JobFolder(base.job_dir), progress=False)
         params = nulltext_unet_param_count(base.base_checkpoint)
+        largest = largest_unet_tensor(base.base_checkpoint)
         for name, overrides in OPTIONS.items():
             if args.only and name not in args.only:
                 continue
@@ -129,9 +132,12 @@ def main() -> None:
             options = MemoryOptions.from_dict({k: getattr(config, k).value for k in
                                                ("optimizer", "weight_dtype", "fused_backward", "ema_device")}
                                               | {"ema_device": "device"})
-            modelled = estimate_memory_bytes(config, params, args.device, options).training_bytes
+            modelled = estimate_memory_bytes(config, params, args.device, options, largest).training_bytes
+            # Large blocks always from mmap, so a freed tensor leaves the resident set at once (as the CUDA
+            # allocator's "allocated" figure does), rather than glibc's growing threshold keeping it in the heap.
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
             out = subprocess.run([sys.executable, __file__, "--child", config.to_json(), "--device", args.device],
-                                 check=True, capture_output=True, text=True, cwd=Path(__file__).parent)
+                                 check=True, capture_output=True, text=True, cwd=Path(__file__).parent, env=env)
             measured = json.loads(out.stdout.strip().splitlines()[-1])
             shutil.rmtree(config.job_dir)
             peak = measured.get("cuda", measured["cpu"])
