@@ -43,9 +43,32 @@ class ResizePolicy(str, enum.Enum):
     SQUASH = "squash"  # resize both sides to `resolution` without cropping (what the paper does for square data)
 
 
+AUTO = "auto"  # a memory option the preflight chooses from the device's free memory (trainer.memory)
+
+
 class Optimizer(str, enum.Enum):
+    AUTO = AUTO
     ADAMW = "adamw"  # torch.optim.AdamW, fp32 states (16 B/param with grads and weights)
-    ADAMW_8BIT = "adamw8bit"  # bitsandbytes AdamW8bit (the UniDiffusion reference config uses 8-bit Adam)
+    ADAMW_8BIT = "adamw8bit"  # block-wise 8-bit states (trainer.optim; the UniDiffusion reference uses 8-bit Adam)
+    ADAFACTOR = "adafactor"  # factored second moment, no momentum (trainer.optim)
+
+
+class WeightDtype(str, enum.Enum):
+    AUTO = AUTO
+    FP32 = "fp32"  # fp32 master weights (autocast computes in mixed_precision)
+    BF16 = "bf16"  # bf16 weights, each update stochastically rounded (trainer.optim)
+
+
+class FusedBackward(str, enum.Enum):
+    AUTO = AUTO
+    ON = "on"  # each parameter updated, and its gradient freed, as soon as the gradient is complete
+    OFF = "off"
+
+
+class EMADevice(str, enum.Enum):
+    AUTO = AUTO
+    DEVICE = "device"  # beside the weights
+    CPU = "cpu"  # in host RAM: no device memory, a copy over the bus per step
 
 
 class LRSchedule(str, enum.Enum):
@@ -103,7 +126,21 @@ class TrainConfig:
     adam_beta2: float = field(default=0.999, metadata=_help("AdamW β2."))
     adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW ε."))
     weight_decay: float = field(default=1e-2, metadata=_help("AdamW decoupled weight decay."))
-    optimizer: Optimizer = field(default=Optimizer.ADAMW, metadata=_help("'adamw' or 'adamw8bit' (bitsandbytes)."))
+    optimizer: Optimizer = field(
+        default=Optimizer.AUTO,
+        metadata=_help("'adamw' (paper), 'adamw8bit' (8-bit states, plain torch), 'adafactor' (factored, least "
+                       "memory) or 'auto' (AdamW when it fits the device, else the next leanest)."))
+    weight_dtype: WeightDtype = field(
+        default=WeightDtype.AUTO,
+        metadata=_help("Trained weights: 'fp32' (master weights), 'bf16' (half the bytes, stochastic rounding; needs "
+                       "mixed_precision 'bf16') or 'auto' (fp32 when it fits)."))
+    fused_backward: FusedBackward = field(
+        default=FusedBackward.AUTO,
+        metadata=_help("Optimizer step inside the backward pass, freeing each gradient at once: 'on' (no gradient "
+                       "accumulation, per-tensor clipping), 'off' or 'auto' (on only when needed to fit)."))
+    ema_device: EMADevice = field(
+        default=EMADevice.AUTO,
+        metadata=_help("Where the EMA weights live: 'device', 'cpu' (host RAM) or 'auto' (device when it fits)."))
     lr_schedule: LRSchedule = field(
         default=LRSchedule.CONSTANT, metadata=_help("'constant', 'cosine' or 'linear' (decay to 0 at max_steps)."))
     warmup_steps: int = field(default=0, metadata=_help("Linear warm-up from 0, in optimizer steps."))
@@ -176,6 +213,9 @@ class TrainConfig:
             self.gradient_accumulation(num_processes)
         except ConfigError as e:
             problems.extend(e.problems)
+        from trainer.memory import explicit_problems  # (trainer.memory builds on this module)
+
+        problems.extend(explicit_problems(self, num_processes))
         if check_paths:
             problems.extend(_path_problems(self))
         if problems:
@@ -279,6 +319,7 @@ RESUME_MUTABLE_FIELDS: frozenset[str] = frozenset({
     "calibration_images",  # only used before step 0; the calibrated vectors are in the checkpoint
     "validation_every_steps",
     "cache_batch_size", "num_workers", "device",
+    "ema_device",  # where the average lives does not change it
 })
 
 
@@ -294,16 +335,27 @@ RESUME_FIXED_REASONS: dict[str, str] = {
     "base_checkpoint": "the concept UNet started from it and the null-text vectors were calibrated on it",
     "batch_size": _ORDER, "seed": _ORDER,
     "optimizer": "the checkpoint holds this optimizer's state",
+    "weight_dtype": "the run's weights and their rounding follow from it",
+    "fused_backward": "the checkpoint holds the state of the optimizer it selects",
     "mixed_precision": "the checkpoint's gradient-scaler state and the run's numerics follow from it",
     "ema_decay": "the checkpoint's EMA weights were averaged with it",
     "min_snr_gamma": _LOSS, "noise_offset": _LOSS,
 }
 
 
+# Memory options that may read "auto": the value a run resolved is in its train state and checked on resume
+# (trainer.memory.resolve_on_resume), so "auto" on either side is not a change here.
+AUTO_FIELDS = ("optimizer", "weight_dtype", "fused_backward", "ema_device")
+
+
 def changed_fixed_fields(old: TrainConfig, new: TrainConfig) -> list[str]:
     """The fields outside `RESUME_MUTABLE_FIELDS` whose value differs, in declaration order."""
-    return [f.name for f in dataclasses.fields(TrainConfig)
-            if f.name not in RESUME_MUTABLE_FIELDS and getattr(old, f.name) != getattr(new, f.name)]
+    def differs(name: str) -> bool:
+        a, b = getattr(old, name), getattr(new, name)
+        if name in AUTO_FIELDS and AUTO in (a.value, b.value):
+            return False
+        return a != b
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RESUME_MUTABLE_FIELDS and differs(f.name)]
 
 
 def check_resume_compatible(old: TrainConfig, new: TrainConfig) -> None:
@@ -359,7 +411,8 @@ _FIELD_TYPES: dict[str, Any] = {
     "aspect_buckets": bool, "bucket_max_aspect": float, "masked_loss": bool, "mask_dir": str,
     "validation_fraction": float, "validation_min_images": int, "validation_every_steps": int,
     "learning_rate": float, "batch_size": int, "micro_batch_size": int, "adam_beta1": float, "adam_beta2": float,
-    "adam_epsilon": float, "weight_decay": float, "optimizer": Optimizer, "lr_schedule": LRSchedule,
+    "adam_epsilon": float, "weight_decay": float, "optimizer": Optimizer, "weight_dtype": WeightDtype,
+    "fused_backward": FusedBackward, "ema_device": EMADevice, "lr_schedule": LRSchedule,
     "warmup_steps": int, "max_steps": int, "max_grad_norm": float, "mixed_precision": MixedPrecision,
     "gradient_checkpointing": bool, "ema_decay": float, "min_snr_gamma": float, "noise_offset": float,
     "compile": bool, "seed": int,

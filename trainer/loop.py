@@ -44,7 +44,15 @@ from gcfg_core.models import load_sd_checkpoint
 from gcfg_core.nulltext import calibrate_nulltext, convert_to_nulltext
 from trainer import checkpoints
 from trainer.buckets import Bucket, BucketBatches, bucket_histogram, dataset_buckets, dominant_bucket, entry_groups
-from trainer.config import LRSchedule, Optimizer, TrainConfig, check_resume_length
+from trainer.config import (
+    EMADevice,
+    FusedBackward,
+    LRSchedule,
+    Optimizer,
+    TrainConfig,
+    WeightDtype,
+    check_resume_length,
+)
 from trainer.data import mask_files, masks_fingerprint, scan_dataset
 from trainer.distributed import JobReporter, make_accelerator, release_accelerator, resolve_device
 from trainer.jobfolder import JobFolder, JobState
@@ -56,7 +64,21 @@ from trainer.latent_cache import (
     open_latent_cache,
     vae_moments_fn,
 )
-from trainer.preflight import check_mixed_precision, preflight_job
+from trainer.memory import (
+    MemoryOptions,
+    check_memory_options,
+    first_choice,
+    resolve_on_resume,
+    uses_low_memory_optimizer,
+)
+from trainer.optim import LowMemoryOptimizer, cast_weights_to_bf16, fuse_into_backward
+from trainer.preflight import (
+    available_device_memory,
+    check_mixed_precision,
+    nulltext_unet_param_count,
+    preflight_job,
+    resolve_memory_options,
+)
 from trainer.progress import ConsoleProgress
 from trainer.validation import held_out_images, masked_mse, training_entries, validation_loss
 
@@ -199,18 +221,18 @@ def enable_gradient_checkpointing(unet: nn.Module) -> int:
 
 
 class EMA:
-    """Exponential moving average of the trainable parameters, fp32, on the parameters' device."""
+    """Exponential moving average of the trainable parameters, fp32, on `device` (default: the parameters')."""
 
-    def __init__(self, module: nn.Module, decay: float):
+    def __init__(self, module: nn.Module, decay: float, device: torch.device | str | None = None):
         self.decay = decay
-        self.shadow = {name: p.detach().float().clone() for name, p in module.named_parameters() if p.requires_grad}
+        self.shadow = {name: p.detach().to(device or p.device, torch.float32, copy=True)
+                       for name, p in module.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         params = dict(module.named_parameters())
-        names = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names],
-                             1 - self.decay)
+        for name, shadow in self.shadow.items():  # one tensor at a time: a CPU average copies one over the bus
+            shadow.lerp_(params[name].detach().to(shadow.device, torch.float32), 1 - self.decay)
 
     def state_dict(self) -> dict[str, Any]:
         return {"decay": self.decay, "shadow": {n: t.cpu() for n, t in self.shadow.items()}}
@@ -288,17 +310,20 @@ def adamw_implementation(device: torch.device, adamw: type[torch.optim.Optimizer
                         foreach_runs=adamw_runs(adamw, device, FOREACH), foreach_devices=_foreach_devices())
 
 
-def build_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW in the fastest implementation this torch has for `device`, or bitsandbytes' 8-bit AdamW when asked."""
+def build_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torch.device,
+                    options: MemoryOptions | None = None) -> torch.optim.Optimizer:
+    """AdamW in the fastest implementation this torch has for `device`; `trainer.optim.LowMemoryOptimizer` for
+    8-bit AdamW, Adafactor, bf16 weights or a fused backward (`options`, default: from the config's values)."""
     kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                   weight_decay=config.weight_decay)
-    if config.optimizer == Optimizer.ADAMW_8BIT:
-        try:
-            import bitsandbytes
-        except ImportError as exc:
-            raise TrainingError("optimizer 'adamw8bit' needs the bitsandbytes package (pip install bitsandbytes); "
-                                "use optimizer 'adamw' or install it") from exc
-        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    if options is None:
+        options = MemoryOptions(Optimizer.ADAMW if config.optimizer is Optimizer.AUTO else config.optimizer,
+                                WeightDtype.FP32 if config.weight_dtype is WeightDtype.AUTO else config.weight_dtype,
+                                config.fused_backward is FusedBackward.ON, EMADevice.DEVICE)
+    if uses_low_memory_optimizer(options):
+        log.info("optimizer: %s, %s weights%s", options.optimizer.value, options.weight_dtype.value,
+                 ", fused into the backward pass" if options.fused_backward else "")
+        return LowMemoryOptimizer(params, rule=options.optimizer.value, seed=config.seed, **kwargs)
     implementation = adamw_implementation(device, torch.optim.AdamW)
     log.info("AdamW: %s implementation (torch %s on %s)", implementation, torch.__version__, device)
     return torch.optim.AdamW(params, **_ADAMW_FLAGS[implementation], **kwargs)
@@ -481,7 +506,8 @@ def concept_metadata(config: TrainConfig, prepared: Prepared, step: int) -> Conc
 
 
 def save_checkpoint(job: JobFolder, config: TrainConfig, prepared: Prepared, step: int, unet: nn.Module,
-                    optimizer: torch.optim.Optimizer, ema: EMA | None, scaler: Any) -> checkpoints.CheckpointInfo:
+                    optimizer: torch.optim.Optimizer, ema: EMA | None, scaler: Any,
+                    memory_options: MemoryOptions | None = None) -> checkpoints.CheckpointInfo:
     """Concept model (EMA weights when EMA is on) + train state for exact resume, as one atomic folder."""
     state = {
         "format": checkpoints.TRAIN_STATE_FORMAT,
@@ -495,6 +521,7 @@ def save_checkpoint(job: JobFolder, config: TrainConfig, prepared: Prepared, ste
         "unet": {k: v.detach().cpu() for k, v in unet.state_dict().items()} if ema else None,
         "grad_scaler": scaler.state_dict() if scaler is not None else None,
         "config": config.to_dict(),
+        "memory_options": memory_options.to_dict() if memory_options is not None else None,
     }
     metadata = concept_metadata(config, prepared, step)
 
@@ -548,6 +575,24 @@ def load_training_unet(config: TrainConfig, job: JobFolder, checkpoint: checkpoi
 # the loop
 
 
+def run_memory_options(config: TrainConfig, state: dict[str, Any] | None, device: torch.device,
+                       num_processes: int, accelerator: Any = None) -> MemoryOptions:
+    """The memory options of this run: a resumed run's stored ones, else "auto" resolved from the device's free
+    memory now (the preflight's model; under a launch, the least any process has, so that all agree); logged,
+    and stored in every checkpoint."""
+    options = resolve_on_resume(config, state.get("memory_options") if state else None)
+    if options is None and state is not None:  # a checkpoint from before the memory options: what it used then
+        options = first_choice(config)
+    if options is None:
+        available = available_device_memory(device)
+        if num_processes > 1 and available is not None and accelerator is not None:
+            available = int(accelerator.gather(torch.tensor([available], device=device)).min().item())
+        options = resolve_memory_options(config, nulltext_unet_param_count(config.base_checkpoint), device,
+                                         available, num_processes)
+    log.info("memory options: %s", ", ".join(f"{k}={v}" for k, v in options.to_dict().items()))
+    return options
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """How a `train` call ended."""
@@ -568,6 +613,7 @@ def train(config: TrainConfig, job: JobFolder, *, resume: bool = False, stop: St
     """Train (or resume) the concept UNet of `job` until `config.max_steps`, a stop request or a non-finite loss."""
     stop = stop or StopFlag()
     check_mixed_precision(config)  # Accelerate would otherwise fail mid-setup with a traceback
+    check_memory_options(config)  # explicit combinations that cannot run (the process count is checked later)
     if resume:  # refused before anything is written (status.json would read "step 20 of 10")
         newest = checkpoints.latest_checkpoint(job.checkpoints_dir)
         check_resume_length(config, newest.step if newest is not None else 0)
@@ -625,13 +671,21 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
     if resume and checkpoint is None:
         log.info("no checkpoint in %s: starting from step 0", job.checkpoints_dir)
     state = resume_state(checkpoint) if checkpoint else None
+    options = run_memory_options(config, state, device, world, accelerator)
+    reporter.event({"type": "memory_options", **options.to_dict()})
     unet = load_training_unet(config, job, checkpoint, state)
+    if options.weight_dtype is WeightDtype.BF16:
+        cast_weights_to_bf16(unet)
     unet = unet.to(device)
     use_sdpa_attention(unet)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(unet)
-    ema = EMA(unet, config.ema_decay) if config.ema_decay else None
-    optimizer = build_optimizer(list(unet.parameters()), config, device)
+    ema = None
+    if config.ema_decay:
+        ema = EMA(unet, config.ema_decay, "cpu" if options.ema_device is EMADevice.CPU else None)
+    optimizer = build_optimizer(list(unet.parameters()), config, device, options)
+    if options.fused_backward:
+        fuse_into_backward(unet.parameters(), optimizer, config.max_grad_norm)
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -691,8 +745,10 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
                 mask = cache.masks(micro_batch)
                 loss = diffusion_loss(model, latents, generator, alphas_cumprod, config,
                                       None if mask is None else mask.to(device))
-                accelerator.backward(loss)  # divides by the accumulation steps itself
                 loss_sum += loss.detach()
+                if options.fused_backward and not math.isfinite(loss.item()):
+                    break  # the backward would update the weights: stop before it (handled below)
+                accelerator.backward(loss)  # divides by the accumulation steps itself
         step_loss = accelerator.reduce(loss_sum / accumulation, reduction="mean")
         loss_value = step_loss.item()  # a CPU-GPU sync point, once per optimizer step
         if not math.isfinite(loss_value):
@@ -705,10 +761,11 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
             return TrainResult(JobState.FAILED, step, losses, last_checkpoint, message)
         # 3) clip, step, EMA
         grad_norm = None
-        if config.max_grad_norm:
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if not options.fused_backward:  # else each parameter was clipped and updated inside the backward
+            if config.max_grad_norm:
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(unet)
         step += 1
@@ -730,12 +787,15 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
                     or (config.checkpoint_every_minutes > 0
                         and time.monotonic() - last_save >= 60 * config.checkpoint_every_minutes))
         if save_now and accelerator.is_main_process:
-            info = save_checkpoint(job, config, prepared, step, unet, optimizer, ema, scaler)
+            info = save_checkpoint(job, config, prepared, step, unet, optimizer, ema, scaler, options)
             last_checkpoint, last_save = info.path, time.monotonic()
             reporter.event({"type": "checkpoint", "step": step, "path": str(info.path)})
             reporter.loss_plot()
         if renderer is not None and _due(step, config.preview_every_steps):
-            with ema.swapped_into(unet) if ema else contextlib.nullcontext(unet) as weights:
+            # bf16 weights take fp32 inputs (the timestep embedding) only under autocast, in previews too
+            bf16 = (torch.autocast(device.type, dtype=torch.bfloat16) if options.weight_dtype is WeightDtype.BF16
+                    else contextlib.nullcontext())
+            with ema.swapped_into(unet) if ema else contextlib.nullcontext(unet) as weights, bf16:
                 preview = renderer.render(weights, step)
             reporter.event({"type": "preview", "step": step, "path": str(preview)})
         reporter.update(JobState.STOPPING if stop_now else JobState.TRAINING, step=step, images_per_second=images_per_s,

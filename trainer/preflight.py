@@ -8,8 +8,10 @@ and §5; the activation constant is derived there from NVIDIA's MLPerf v4.0 NeMo
 fits an 80 GB H100 with fp16 activations, flash attention, no activation checkpointing: (80 − 14) / 64 ≈ 1 GB
 per sample):
 
-    static      = P · (4 weights fp32 + 4 grads fp32 + optimizer) (+ 4 for EMA)
-                  optimizer = 8 (AdamW m, v in fp32) or 2 (8-bit AdamW)
+    static      = P · bytes per parameter of the run's memory options (trainer.memory: weights fp32 4 / bf16 2,
+                  gradients as the weights or 0 when fused into the backward, optimizer AdamW 8 / 8-bit AdamW
+                  2.03 / Adafactor 0.05, EMA 4 on the device or 0 on the CPU, half-precision weight copies 2
+                  under autocast without checkpointing) + a per-tensor update transient (≈24 B × largest tensor)
     activations = B · r² · 1.0 GB · (0.35 with gradient checkpointing) · (2 without mixed precision)
     preview     = the frozen prior UNet in fp16 (2 · P) + VAE (≈0.2 GB) + sampling (≈0.1 GB · r² per image);
                   it sits beside the training state while previews render
@@ -32,7 +34,6 @@ resolution, so a job that cannot fit is refused within seconds rather than after
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
@@ -46,6 +47,17 @@ import torch
 
 from gcfg_core.checkpoint import UNET_PREFIX, read_state_dict_shapes
 from trainer.config import ConfigError, MixedPrecision, Optimizer, TrainConfig
+from trainer.memory import (
+    OPTIMIZER_BYTES,
+    SD15_LARGEST_TENSOR,
+    MemoryOptions,
+    choose_memory_options,
+    device_bytes_per_param,
+    first_choice,
+    host_bytes_per_param,
+    incompatibilities,
+    transient_bytes,
+)
 
 log = logging.getLogger("gcfg.trainer.preflight")
 
@@ -105,17 +117,19 @@ class MemoryEstimate:
     activation_bytes: int  # one micro-batch
     preview_bytes: int  # extra while previews render
     overhead_bytes: int
+    transient_bytes: int = 0  # while one tensor is updated by a per-parameter optimizer rule
 
     @property
     def training_bytes(self) -> int:
         """Steady-state training peak."""
-        return int(FRAGMENTATION * (self.static_bytes + self.activation_bytes) + self.overhead_bytes)
+        return int(FRAGMENTATION * (self.static_bytes + self.activation_bytes + self.transient_bytes)
+                   + self.overhead_bytes)
 
     @property
     def peak_bytes(self) -> int:
         """Training peak plus the preview models (the transition where OOM usually happens)."""
-        return int(FRAGMENTATION * (self.static_bytes + self.activation_bytes + self.preview_bytes)
-                   + self.overhead_bytes)
+        return int(FRAGMENTATION * (self.static_bytes + self.activation_bytes + self.transient_bytes
+                                    + self.preview_bytes) + self.overhead_bytes)
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,7 @@ class PreflightReport:
     available_ram_bytes: int
     warnings: tuple[str, ...] = ()
     problems: tuple[str, ...] = field(default=())
+    memory_options: MemoryOptions | None = None  # the run's options, "auto" fields resolved
 
     @property
     def ok(self) -> bool:
@@ -147,6 +162,8 @@ class PreflightReport:
             f"memory on {self.device}: training ≈{_gb(self.memory.training_bytes)}, with previews "
             f"≈{_gb(self.memory.peak_bytes)}, free {device_free}",
         ]
+        if self.memory_options is not None:
+            lines.append("memory options: " + ", ".join(f"{k}={v}" for k, v in self.memory_options.to_dict().items()))
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings] + [f"problem: {p}" for p in self.problems])
 
 
@@ -155,8 +172,9 @@ def latent_shape_for(resolution: int, latent_channels: int = 4, downsample: int 
     return (2 * latent_channels, resolution // downsample, resolution // downsample)
 
 
-def _optimizer_bytes_per_param(config: TrainConfig) -> int:
-    return 2 if config.optimizer is Optimizer.ADAMW_8BIT else 8
+def _optimizer_bytes_per_param(config: TrainConfig) -> float:
+    # An unresolved "auto" is sized as AdamW, the largest state it may resolve to.
+    return OPTIMIZER_BYTES.get(config.optimizer, OPTIMIZER_BYTES[Optimizer.ADAMW])
 
 
 def estimate_disk_bytes(config: TrainConfig, num_images: int, latent_shape: tuple[int, ...] | None = None,
@@ -170,7 +188,7 @@ def estimate_disk_bytes(config: TrainConfig, num_images: int, latent_shape: tupl
     # With EMA the concept file holds the averaged weights and the train state both the shadow and the training
     # weights (trainer.loop.save_checkpoint).
     per_param = 4 + _optimizer_bytes_per_param(config) + (8 if config.ema_decay > 0 else 0)
-    checkpoint = unet_param_count * per_param
+    checkpoint = int(unet_param_count * per_param)
     previews = 0
     if config.preview_every_steps > 0:
         renders = config.max_steps // config.preview_every_steps + 1
@@ -180,9 +198,15 @@ def estimate_disk_bytes(config: TrainConfig, num_images: int, latent_shape: tupl
 
 
 def estimate_memory_bytes(config: TrainConfig, unet_param_count: int = SD15_UNET_PARAMS,
-                          device: torch.device | str = "cuda") -> MemoryEstimate:
-    """Memory of one training process on `device` (module docstring: memory model)."""
-    static = unet_param_count * (4 + 4 + _optimizer_bytes_per_param(config) + (4 if config.ema_decay > 0 else 0))
+                          device: torch.device | str = "cuda", options: MemoryOptions | None = None,
+                          largest_tensor: int = SD15_LARGEST_TENSOR) -> MemoryEstimate:
+    """Memory of one training process on `device` with `options` (module docstring: memory model); an unresolved
+    config is estimated with each "auto" field at its most generous value (`trainer.memory.first_choice`)."""
+    options = options or first_choice(config)
+    on_cpu = torch.device(device).type == "cpu"
+    # On the CPU, device memory is host RAM: an EMA "on the CPU" still counts.
+    static = int(unet_param_count * (device_bytes_per_param(options, config)
+                                     + (host_bytes_per_param(options, config) if on_cpu else 0)))
     scale = (config.resolution / 512) ** 2
     per_sample = ACTIVATION_BYTES_PER_SAMPLE_512 * scale
     if config.gradient_checkpointing:
@@ -195,31 +219,52 @@ def estimate_memory_bytes(config: TrainConfig, unet_param_count: int = SD15_UNET
         preview = int(2 * unet_param_count + 2 * SD_VAE_PARAMS + PREVIEW_SAMPLING_BYTES_512 * scale
                       * len(config.preview_seeds))
     overhead = int(RUNTIME_OVERHEAD_BYTES) if torch.device(device).type == "cuda" else 0
-    return MemoryEstimate(static, activations, preview, overhead)
+    return MemoryEstimate(static, activations, preview, overhead, transient_bytes(options, largest_tensor))
+
+
+def resolve_memory_options(config: TrainConfig, unet_param_count: int, device: torch.device | str,
+                           available: int | None, num_processes: int = 1) -> MemoryOptions:
+    """The run's memory options: each "auto" field resolved to the cheapest runnable choice whose modelled training
+    peak fits in `available` bytes (trainer.memory); the most generous choice when `available` is unknown."""
+    if available is None:
+        return first_choice(config)
+
+    def fits(options: MemoryOptions) -> bool:
+        return estimate_memory_bytes(config, unet_param_count, device, options).training_bytes <= available
+
+    return choose_memory_options(config, fits, num_processes)
 
 
 def largest_micro_batch(config: TrainConfig, unet_param_count: int, device: torch.device | str,
-                        available: int, *, with_previews: bool = False) -> int:
+                        available: int, *, with_previews: bool = False,
+                        options: MemoryOptions | None = None) -> int:
     """Largest divisor of `batch_size` whose estimate fits in `available` bytes (0 if none)."""
     best = 0
     for micro in range(1, config.batch_size + 1):
         if config.batch_size % micro:
             continue
-        est = estimate_memory_bytes(config.with_overrides(micro_batch_size=micro), unet_param_count, device)
+        est = estimate_memory_bytes(config.with_overrides(micro_batch_size=micro), unet_param_count, device, options)
         if (est.peak_bytes if with_previews else est.training_bytes) <= available:
             best = micro
     return best
 
 
-def _savings_hint(config: TrainConfig) -> str:
-    options = []
-    if config.optimizer is Optimizer.ADAMW:
-        options.append("optimizer='adamw8bit'")
+def _savings_hint(config: TrainConfig, options: MemoryOptions) -> str:
+    hints = []
+    if options.optimizer is not Optimizer.ADAFACTOR:
+        hints.append("optimizer='adamw8bit' or 'adafactor'" if options.optimizer is Optimizer.ADAMW
+                     else "optimizer='adafactor'")
+    if options.weight_dtype.value == "fp32":
+        hints.append("weight_dtype='bf16' (with mixed_precision='bf16')")
+    if not options.fused_backward:
+        hints.append(f"fused_backward='on' (with micro_batch_size=batch_size={config.batch_size})")
+    if config.ema_decay > 0 and options.ema_device.value == "device":
+        hints.append("ema_device='cpu'")
     if not config.gradient_checkpointing:
-        options.append("gradient_checkpointing=true")
+        hints.append("gradient_checkpointing=true")
     if config.ema_decay > 0:
-        options.append("ema_decay=0")
-    return "use " + ", ".join(options + ["a device with more memory"])
+        hints.append("ema_decay=0")
+    return "use " + ", ".join(hints + ["a device with more memory"])
 
 
 def _resolve_device(config: TrainConfig) -> torch.device:
@@ -257,6 +302,12 @@ def nulltext_unet_param_count(base_checkpoint: str | os.PathLike) -> int:
     shapes = read_state_dict_shapes(base_checkpoint)
     return sum(t.numel() for key, t in shapes.items()
                if key.startswith(UNET_PREFIX) and not _CROSS_ATTENTION_KEY.search(key))
+
+
+def largest_unet_tensor(base_checkpoint: str | os.PathLike) -> int:
+    """Values in the UNet's largest tensor, from the file's header (the per-tensor optimizer transient)."""
+    shapes = read_state_dict_shapes(base_checkpoint)
+    return max(t.numel() for key, t in shapes.items() if key.startswith(UNET_PREFIX))
 
 
 def check_mixed_precision(config: TrainConfig, device: torch.device | str | None = None) -> None:
@@ -323,15 +374,17 @@ def run_preflight(
                         f"{disk.checkpoints_kept - disk.full_checkpoints} older of {_gb(disk.concept_bytes)}; lower "
                         "keep_last or free space)")
 
-    memory = estimate_memory_bytes(config, unet_param_count, device)
     if available_device_bytes is None:
         available_device_bytes = available_device_memory(device)
+    options = resolve_memory_options(config, unet_param_count, device, available_device_bytes, num_processes)
+    problems.extend(incompatibilities(config, options, num_processes))
+    memory = estimate_memory_bytes(config, unet_param_count, device, options)
     if available_device_bytes is not None:
         where = "RAM" if device.type == "cpu" else f"memory on {device}"
         if memory.training_bytes > available_device_bytes:
-            fits = largest_micro_batch(config, unet_param_count, device, available_device_bytes)
+            fits = largest_micro_batch(config, unet_param_count, device, available_device_bytes, options=options)
             hint = (f"try micro_batch_size={fits} (batch_size stays {config.batch_size} through accumulation)"
-                    if fits else "even micro_batch_size=1 does not fit: " + _savings_hint(config))
+                    if fits else "even micro_batch_size=1 does not fit: " + _savings_hint(config, options))
             problems.append(f"needs ≈{_gb(memory.training_bytes)} {where} for micro_batch_size="
                             f"{config.micro_batch_size}, has {_gb(available_device_bytes)} free; {hint}")
         elif memory.peak_bytes > available_device_bytes:
@@ -342,13 +395,12 @@ def run_preflight(
     if available_ram_bytes is None:
         available_ram_bytes = int(psutil.virtual_memory().available)
     # Host RAM: the checkpoint is read once (≈4 B/param for the UNet, plus VAE) before moving to the device.
-    ram_needed = int(4 * (unet_param_count + SD_VAE_PARAMS) + 2 * GB)
+    ram_needed = int(4 * (unet_param_count + SD_VAE_PARAMS) + 2 * GB
+                     + unet_param_count * host_bytes_per_param(options, config))  # + an EMA kept on the CPU
     if device.type != "cpu" and ram_needed > available_ram_bytes:
         problems.append(f"needs ≈{_gb(ram_needed)} free RAM to load the base checkpoint, has "
                         f"{_gb(available_ram_bytes)}")
 
-    if config.optimizer is Optimizer.ADAMW_8BIT and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append("optimizer='adamw8bit' needs the bitsandbytes package, which is not installed")
     if device.type == "cuda" and config.mixed_precision is MixedPrecision.BF16 and torch.cuda.is_available() \
             and not torch.cuda.is_bf16_supported():
         problems.append(f"mixed_precision='bf16' is not supported on {torch.cuda.get_device_name(device)}; "
@@ -356,7 +408,7 @@ def run_preflight(
 
     report = PreflightReport(str(device), disk, memory, str(disk_path), int(available_disk_bytes),
                              int(reusable_disk_bytes), available_device_bytes, int(available_ram_bytes),
-                             tuple(warnings), tuple(problems))
+                             tuple(warnings), tuple(problems), options)
     for w in warnings:
         log.warning("preflight: %s", w)
     if problems and raise_on_error:

@@ -15,6 +15,21 @@ fwd+bwd) against a bf16/fp32 matmul peak measured in this run, and the process's
 repetition (before the reference loop ran). The last line printed is one JSON object.
 
     python tests/benchmarks/bench_train.py [--quick] [--repetitions N]
+
+Peer comparison, when a checkout of kohya sd-scripts is given (never downloaded here):
+
+    python tests/benchmarks/bench_train.py --kohya DIR --kohya-python DIR_VENV/bin/python \
+        [--checkpoint SD15.safetensors] [--settings fp32-adamw|bf16-adafactor] [--steps 6] [--warmup 2]
+
+trains the same full-size SD 1.5-layout checkpoint (a random one written here unless `--checkpoint` names one) with
+kohya's `fine_tune.py` (run by `kohya_driver.py` under `--kohya-python`) and with ours, each in its own process, on
+the same 128 px random images, batch 2, optimizer and precision (`--settings`), gradient checkpointing, SDPA, latents
+cached before training on both sides, 0 data-loader workers. kohya's text encoder encodes the (empty) captions
+every step, as its fine-tune does; our null-text UNet has no text input. A third run is ours with the low-memory
+options (8-bit AdamW, bf16 weights with stochastic rounding, optimizer step fused into the backward). Each side
+reports images/s over the steps after the warm-up and its resident-set peak up to its last optimizer step
+(loading, latent caching and training; the final save is not counted); the last line is one JSON object with both
+and their ratios (ours / kohya).
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ import logging
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -167,13 +183,148 @@ def our_loop(config: TrainConfig, steps: int, warmup: int) -> Callable[[], float
     return measure
 
 
+# --- the kohya sd-scripts comparison
+
+# (our config overrides, kohya fine_tune.py arguments) per setting; both sides use the same optimizer and precision.
+KOHYA_SETTINGS: dict[str, tuple[dict, list[str]]] = {
+    "fp32-adamw": (dict(mixed_precision="no", optimizer="adamw", weight_dtype="fp32", fused_backward="off"),
+                   ["--mixed_precision", "no", "--optimizer_type", "AdamW"]),
+    "bf16-adafactor": (dict(mixed_precision="bf16", optimizer="adafactor", weight_dtype="bf16", fused_backward="off"),
+                       ["--mixed_precision", "bf16", "--full_bf16", "--optimizer_type", "Adafactor", "--optimizer_args",
+                        "relative_step=False", "scale_parameter=False", "warmup_init=False"]),
+}
+LOW_MEMORY = dict(mixed_precision="bf16", optimizer="adamw8bit", weight_dtype="bf16", fused_backward="on")
+
+
+def images_per_second(step_times: list[float], warmup: int, batch: int) -> float:
+    """Throughput between the end of step `warmup` and the end of the last step (times are step ends)."""
+    measured = step_times[warmup - 1:]
+    return (len(measured) - 1) * batch / (measured[-1] - measured[0])
+
+
+def kohya_fine_tune_args(checkpoint: Path, data: Path, metadata: Path, output: Path, *, resolution: int, batch: int,
+                         steps: int, learning_rate: float, setting: str) -> list[str]:
+    """fine_tune.py arguments for the comparison run (module docstring)."""
+    return ["--pretrained_model_name_or_path", str(checkpoint), "--train_data_dir", str(data), "--in_json",
+            str(metadata), "--output_dir", str(output), "--output_name", "kohya", "--save_model_as", "safetensors",
+            "--resolution", f"{resolution},{resolution}", "--train_batch_size", str(batch), "--max_train_steps",
+            str(steps), "--learning_rate", str(learning_rate), "--lr_scheduler", "constant", "--max_grad_norm", "1.0",
+            "--gradient_checkpointing", "--sdpa", "--cache_latents", "--max_data_loader_n_workers", "0", "--seed",
+            "0", *KOHYA_SETTINGS[setting][1]]
+
+
+def ours_child(config_json: str, out_path: str) -> None:
+    """Train `config_json`'s job from scratch; write step end times and the resident-set peak after each step."""
+    config = TrainConfig.from_json(config_json)
+    times: list[float] = []
+    peaks: list[int] = []
+
+    def on_step(_step: int, _loss: float) -> None:
+        times.append(time.perf_counter())
+        peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+    train(config, JobFolder(config.job_dir), progress=False, on_step=on_step)
+    Path(out_path).write_text(json.dumps({"step_times": times, "peak_rss_bytes": peaks}))
+
+
+def _side(command: list[str], out: Path, env: dict | None = None, cwd: Path | None = None) -> dict:
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd)
+    if done.returncode:
+        raise SystemExit(f"{command[:3]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    result = json.loads(out.read_text())
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def kohya_main(args: argparse.Namespace) -> None:
+    resolution, batch, steps, warmup = args.resolution, args.batch, args.steps, args.warmup
+    ours_overrides, _ = KOHYA_SETTINGS[args.settings]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_images(root / "data", 16, resolution)
+        metadata = root / "meta.json"
+        metadata.write_text(json.dumps({p.stem: {"caption": ""} for p in sorted((root / "data").glob("*.png"))}))
+        checkpoint = Path(args.checkpoint) if args.checkpoint else root / "sd15.safetensors"
+        if not args.checkpoint:  # full-size SD 1.5 layout, random weights (several GB of RAM while written)
+            model = random_sd_model(SD1, seed=0)
+            for part in (model.unet, model.vae, model.text_encoder):
+                part.half()  # fp16 on disk, as released SD 1.5 checkpoints are
+            save_sd_checkpoint(model, checkpoint)
+            del model
+        base = TrainConfig(dataset_dir=str(root / "data"), base_checkpoint=str(checkpoint), job_dir=str(root / "job"),
+                           name="bench", resolution=resolution, min_image_size=0, batch_size=batch,
+                           micro_batch_size=batch, max_steps=steps, gradient_checkpointing=True, device="cpu",
+                           calibration_images=4, checkpoint_every_steps=0, checkpoint_every_minutes=0,
+                           preview_every_steps=0, max_grad_norm=1.0, ema_decay=0.0, keep_last=1, **ours_overrides)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+        def ours(overrides: dict, label: str) -> dict:
+            config = base.with_overrides(job_dir=str(root / f"job-{label}"), **overrides)
+            out = root / f"{label}.json"
+            return _side([sys.executable, __file__, "--ours-child", config.to_json(), str(out)], out, env)
+
+        def kohya(label: str) -> dict:
+            out = root / f"{label}.json"
+            command = [args.kohya_python, str(Path(__file__).with_name("kohya_driver.py")), str(args.kohya), str(out),
+                       "--", *kohya_fine_tune_args(checkpoint, root / "data", metadata, root / f"out-{label}",
+                                                   resolution=resolution, batch=batch, steps=steps,
+                                                   learning_rate=base.learning_rate, setting=args.settings)]
+            return _side(command, out, env, cwd=Path(args.kohya))
+
+        runs: dict[str, list[dict]] = {"ours": [], "kohya": [], "ours_low_memory": []}
+        for repetition in range(args.repetitions):
+            order = ("ours", "kohya") if repetition % 2 == 0 else ("kohya", "ours")
+            for side in order:
+                label = f"{side}-{repetition}"
+                runs[side].append(ours({}, label) if side == "ours" else kohya(label))
+        if not args.no_low_memory:
+            runs["ours_low_memory"].append(ours(LOW_MEMORY, "low-memory"))
+
+    def best(side: str) -> dict:
+        speeds = [images_per_second(r["step_times"], warmup, batch) for r in runs[side]]
+        peaks = [r["peak_rss_bytes"][-1] for r in runs[side]]
+        return {"images_per_s": round(max(speeds), 4), "images_per_s_all": [round(v, 4) for v in speeds],
+                "peak_rss_mb": round(min(peaks) / 1e6), "wall_s": [round(r["wall_s"]) for r in runs[side]]}
+
+    result = {"settings": args.settings, "resolution": resolution, "batch": batch, "steps": steps, "warmup": warmup,
+              "checkpoint": str(args.checkpoint or "random SD 1.5 (written here)"), "threads": torch.get_num_threads(),
+              "load_average": [round(x, 2) for x in os.getloadavg()]}
+    for side in runs:
+        if runs[side]:
+            result[side] = best(side)
+    k = result["kohya"]
+    for side in ("ours", "ours_low_memory"):
+        if side in result:
+            result[f"{side}_images_per_s_ratio"] = round(result[side]["images_per_s"] / k["images_per_s"], 3)
+            result[f"{side}_peak_rss_ratio"] = round(result[side]["peak_rss_mb"] / k["peak_rss_mb"], 3)
+    print(json.dumps(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (about a minute on 2 idle CPU cores)")
     parser.add_argument("--repetitions", type=int, default=None, help="measured turns of each loop (default 5, "
-                        "3 with --quick)")
+                        "3 with --quick; 1 with --kohya)")
+    parser.add_argument("--kohya", type=Path, help="a kohya sd-scripts checkout: compare with its fine_tune.py")
+    parser.add_argument("--kohya-python", default=sys.executable, help="the Python of the checkout's environment")
+    parser.add_argument("--checkpoint", help="full-size SD 1.5 checkpoint for --kohya (default: a random one)")
+    parser.add_argument("--settings", choices=sorted(KOHYA_SETTINGS), default="fp32-adamw")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6, help="steps per --kohya run, warm-up included")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-low-memory", action="store_true", help="skip the low-memory run of --kohya")
+    parser.add_argument("--ours-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.ours_child:
+        ours_child(*args.ours_child)
+        return
+    if args.kohya:
+        args.repetitions = args.repetitions or 1
+        kohya_main(args)
+        return
     steps, warmup = (2, 1) if args.quick else (4, 1)
     repetitions = args.repetitions or (3 if args.quick else 5)
     resolution, batch = 128, 4
