@@ -1,7 +1,9 @@
-"""Reading SD checkpoints safely: state dicts, family detection, part splitting and file hashes.
+"""Reading SD checkpoints safely: state dicts, family and parameterisation detection, part splitting, file hashes.
 
 Key layout is ldm's (CompVis/Stability `v1-inference.yaml`): `model.diffusion_model.*` (UNet),
-`first_stage_model.*` (VAE), `cond_stage_model.transformer.*` (Hugging Face CLIPTextModel).
+`first_stage_model.*` (VAE), `cond_stage_model.transformer.*` (Hugging Face CLIPTextModel). SDXL files use
+sgm's layout: the same UNet and VAE prefixes, `conditioner.embedders.0.transformer.*` (CLIP ViT-L, Hugging Face)
+and `conditioner.embedders.1.model.*` (OpenCLIP ViT-bigG, open_clip).
 `.ckpt` files are read only with `torch.load(weights_only=True)`, which refuses pickled code.
 """
 
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from safetensors import SafetensorError, safe_open
 
+from gcfg_core.parameterization import Parameterization, Prediction
+
 logger = logging.getLogger("gcfg.checkpoint")
 
 UNET_PREFIX = "model.diffusion_model."
@@ -31,7 +35,13 @@ HF_TEXT_MODEL_PREFIX = "text_model."
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
+
 _CROSS_ATTN_KEY = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+_LABEL_EMB_KEY = "label_emb.0.0.weight"
+_REFINER_VECTOR_DIM = 2560
 _PROJ_IN_KEY = "input_blocks.1.1.proj_in.weight"
 _CONV_IN_KEY = "input_blocks.0.0.weight"
 
@@ -45,6 +55,8 @@ class ModelFamily(enum.Enum):
     SD2 = "sd2"
     SD2_V = "sd2-v"
     SDXL = "sdxl"
+    SDXL_INPAINT = "sdxl-inpaint"
+    SDXL_REFINER = "sdxl-refiner"
     UNKNOWN = "unknown"
 
     @property
@@ -59,8 +71,22 @@ _FAMILY_LABELS = {
     ModelFamily.SD2: "SD 2.x",
     ModelFamily.SD2_V: "SD 2.x v-prediction",
     ModelFamily.SDXL: "SDXL",
+    ModelFamily.SDXL_INPAINT: "SDXL inpainting (9-channel UNet)",
+    ModelFamily.SDXL_REFINER: "SDXL refiner (OpenCLIP-G only, 1280-d context, 2560-d vector)",
     ModelFamily.UNKNOWN: "unknown (not an SD UNet key layout)",
 }
+
+# Families whose members share latent space, text conditioning and schedule, so that one can serve as another's
+# prior or extra-term model: the variants with more input channels are main models of their base family.
+_BASE_FAMILY = {
+    ModelFamily.SD1_INPAINT: ModelFamily.SD1, ModelFamily.SD1_INSTRUCT: ModelFamily.SD1,
+    ModelFamily.SD2_V: ModelFamily.SD2, ModelFamily.SDXL_INPAINT: ModelFamily.SDXL,
+}
+
+
+def base_family(family: ModelFamily) -> ModelFamily:
+    """The family a variant belongs to (SD 1.x inpainting → SD 1.x, SDXL inpainting → SDXL); others are their own."""
+    return _BASE_FAMILY.get(family, family)
 
 
 class CheckpointError(ValueError):
@@ -170,13 +196,29 @@ def _unet_keys(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Ten
     return state_dict  # a bare UNet state dict
 
 
+def _sdxl_family(unet: Mapping[str, torch.Tensor], *, refiner: bool) -> ModelFamily:
+    if refiner:
+        return ModelFamily.SDXL_REFINER
+    conv_in = unet.get(_CONV_IN_KEY)
+    return ModelFamily.SDXL_INPAINT if conv_in is not None and conv_in.shape[1] == 9 else ModelFamily.SDXL
+
+
 def detect_family(state_dict: Mapping[str, torch.Tensor]) -> ModelFamily:
-    """The model family of a full ldm state dict (or a bare UNet one), from key names and shapes only."""
-    if any(key.startswith("conditioner.") for key in state_dict):
-        return ModelFamily.SDXL
+    """The model family of a full ldm/sgm state dict (or a bare UNet one), from key names and shapes only.
+
+    SDXL files are told apart by their text encoders as the WebUI does: the base (and its inpainting variant)
+    has CLIP-L as `conditioner.embedders.0` and OpenCLIP-G as `conditioner.embedders.1`, the refiner OpenCLIP-G
+    as `conditioner.embedders.0`. A bare SDXL UNet is a refiner when its vector input is the refiner's 2560 values.
+    """
     unet = _unet_keys(state_dict)
-    if "label_emb.0.0.weight" in unet:
-        return ModelFamily.SDXL
+    if any(key.startswith((SDXL_OPENCLIP_PREFIX, SDXL_CLIP_L_PREFIX)) for key in state_dict):
+        return _sdxl_family(unet, refiner=False)
+    if any(key.startswith(SDXL_REFINER_OPENCLIP_PREFIX) for key in state_dict):
+        return _sdxl_family(unet, refiner=True)
+    if _LABEL_EMB_KEY in unet:
+        return _sdxl_family(unet, refiner=unet[_LABEL_EMB_KEY].shape[1] == _REFINER_VECTOR_DIM)
+    if any(key.startswith("conditioner.") for key in state_dict):  # another sgm-layout file
+        return _sdxl_family(unet, refiner=False)
     if _CROSS_ATTN_KEY not in unet or _CONV_IN_KEY not in unet:
         return ModelFamily.UNKNOWN
     context_dim = unet[_CROSS_ATTN_KEY].shape[1]
@@ -204,6 +246,98 @@ def require_family(
         supported = ", ".join(item.label for item in allowed)
         raise _error(path, f"is a {family.label} checkpoint ({family.value}); supported here: {supported}")
     return family
+
+
+def require_same_family(
+    reference_path: str | os.PathLike,
+    reference_family: ModelFamily,
+    path: str | os.PathLike,
+    family: ModelFamily,
+    *,
+    role: str = "prior",
+    reference_role: str = "main model",
+) -> None:
+    """Raise `CheckpointError` naming both files and both families unless they share a base family."""
+    if base_family(family) is not base_family(reference_family):
+        raise CheckpointError(
+            f"the {role} {os.fspath(path)} is a {family.label} checkpoint ({family.value}), but the {reference_role} "
+            f"{os.fspath(reference_path)} is {reference_family.label} ({reference_family.value}): the {role} must be "
+            f"of the {reference_role}'s family"
+        )
+
+
+# Marker keys as Forge and ComfyUI read them: empty tensors that training tools add to v-prediction checkpoints.
+V_PRED_KEY = "v_pred"
+ZTSNR_KEY = "ztsnr"
+_EDM_KEYS = ("edm_mean", "edm_std", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
+_MODELSPEC_PREDICTION = "modelspec.prediction_type"
+_MODELSPEC_NAMES = {"epsilon": Prediction.EPS, "eps": Prediction.EPS, "v": Prediction.V,
+                    "v_prediction": Prediction.V, "v-prediction": Prediction.V}
+# kohya-ss sd-scripts' training metadata.
+_KOHYA_V = "ss_v_parameterization"
+_KOHYA_ZTSNR = "ss_zero_terminal_snr"
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The `__metadata__` strings of a `.safetensors` file ({} for other files or none)."""
+    if pathlib.Path(path).suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return {}
+    metadata = read_safetensors_header(path).get("__metadata__") or {}
+    return {str(key): str(value) for key, value in metadata.items()} if isinstance(metadata, dict) else {}
+
+
+def detect_parameterization(
+    path: str | os.PathLike, keys: Iterable[str], metadata: Mapping[str, str] | None = None
+) -> tuple[Parameterization | None, str]:
+    """What the file says about its prediction type and schedule, and where it says it; (None, reason) if nothing.
+
+    In order: the `v_pred` marker key (with `ztsnr` beside it: zero terminal SNR; `ztsnr` alone is ignored, as
+    Forge does), the SAI model spec's `modelspec.prediction_type` ("epsilon" or "v"), kohya's
+    `ss_v_parameterization`/`ss_zero_terminal_snr`. EDM-schedule files (Playground v2.5, EDM v-prediction)
+    are refused: their σ schedule is not a DDPM one.
+    """
+    keys = set(keys)
+    metadata = metadata or {}
+    edm = sorted(keys.intersection(_EDM_KEYS))
+    if edm:
+        raise _error(path, f"has an EDM noise schedule (keys {', '.join(edm)}), which GCFG does not support")
+    if V_PRED_KEY in keys:
+        return Parameterization(Prediction.V, ZTSNR_KEY in keys), f"marker keys {V_PRED_KEY}" + (
+            f" and {ZTSNR_KEY}" if ZTSNR_KEY in keys else "")
+    if ZTSNR_KEY in keys:
+        logger.warning("%s: has a %r key but no %r key; ignored, as Forge does", path, ZTSNR_KEY, V_PRED_KEY)
+    stated = metadata.get(_MODELSPEC_PREDICTION)
+    if stated is not None:
+        prediction = _MODELSPEC_NAMES.get(stated.strip().lower())
+        if prediction is None:
+            logger.warning("%s: unknown %s %r ignored", path, _MODELSPEC_PREDICTION, stated)
+        else:
+            return Parameterization(prediction), f"metadata {_MODELSPEC_PREDICTION}={stated}"
+    if _KOHYA_V in metadata:
+        v_pred = metadata[_KOHYA_V].strip().lower() == "true"
+        ztsnr = metadata.get(_KOHYA_ZTSNR, "").strip().lower() == "true"
+        return (Parameterization(Prediction.V if v_pred else Prediction.EPS, ztsnr),
+                f"metadata {_KOHYA_V}={metadata[_KOHYA_V]}")
+    return None, "no marker key or metadata"
+
+
+def resolve_parameterization(
+    path: str | os.PathLike,
+    keys: Iterable[str],
+    metadata: Mapping[str, str] | None = None,
+    override: Parameterization | None = None,
+) -> Parameterization:
+    """The parameterisation to use: `override` when given, else what the file says, else ε (logged)."""
+    detected, source = detect_parameterization(path, keys, metadata)
+    if override is not None:
+        if detected is not None and detected != override:
+            logger.warning("%s: %s says %s; using the override %s", path, source, detected.label, override.label)
+        return override
+    if detected is None:
+        logger.info("%s: %s about the parameterisation; assuming eps", path, source)
+        return Parameterization()
+    logger.info("%s: %s (%s)", path, detected.label, source)
+    return detected
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,27 @@ def read_concept_metadata(path: str | os.PathLike) -> ConceptMetadata:
     return ConceptMetadata.from_header(metadata, source=str(path))
 
 
+CHECKPOINT_FILE_NAME = "concept.safetensors"  # the same name in every checkpoint folder of the trainer
+
+
+def concept_label(path: str | os.PathLike, metadata: ConceptMetadata) -> str:
+    """A name that identifies the concept model in infotext.
+
+    Its file name (how the WebUI's concept list names it, e.g. a published `faces.safetensors`); for the generic
+    `concept.safetensors` of a trainer checkpoint, the job name and step (`faces step 2000`), or, without a job
+    name in its metadata, the file's short hash as the WebUI gives checkpoints (`concept [0123456789]`).
+    """
+    from gcfg_core.checkpoint import file_sha256, short_hash
+
+    path = pathlib.Path(path)
+    if path.name != CHECKPOINT_FILE_NAME:
+        return path.name
+    job_name = str(metadata.train_config.get("name") or "").strip()
+    if job_name:
+        return f"{job_name} step {metadata.steps}"
+    return f"{path.stem} [{short_hash(file_sha256(path))}]"
+
+
 def load_concept_model(
     path: str | os.PathLike,
     *,

@@ -100,3 +100,125 @@ def sd1_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085, beta_end:
     """ᾱ_t of the SD 1 "scaled linear" schedule; equals ldm's `LatentDiffusion.alphas_cumprod`."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, dim=0).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SDXL (Stability-AI/generative-models, `configs/inference/sd_xl_base.yaml`)
+# ----------------------------------------------------------------------------------------------------------------
+
+SDXL_SCALE_FACTOR = 0.13025  # SDXL latent scaling (sd_xl_base.yaml)
+SIZE_EMBED_DIM = 256  # each original-size / crop / target-size number is a 256-d sinusoidal embedding
+SIZE_FIELDS = 6  # (height, width) original, (top, left) crop, (height, width) target
+
+
+@dataclass(frozen=True)
+class SDXLUNetConfig:
+    """The SDXL UNet (sgm `UNetModel` with `num_classes="sequential"`).
+
+    `transformer_depth[level]` is the number of transformer blocks after each residual block of that level (0 = no
+    attention there; SDXL base has none at full resolution), `transformer_depth_middle` the middle block's. Heads
+    are `channels // num_head_channels`. `adm_in_channels` is the width of the `vector` input (`label_emb`).
+    """
+
+    model_channels: int = 320
+    in_channels: int = 4
+    out_channels: int = 4
+    channel_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 2
+    transformer_depth: tuple[int, ...] = (0, 2, 10)
+    transformer_depth_middle: int = 10
+    num_head_channels: int = 64
+    context_dim: int = 2048
+    adm_in_channels: int = 2816
+
+    def __post_init__(self) -> None:
+        if len(self.transformer_depth) != len(self.channel_mult):
+            raise ValueError(f"transformer_depth {self.transformer_depth} needs one entry per level of channel_mult "
+                             f"{self.channel_mult}")
+        if self.transformer_depth_middle < 1:
+            raise ValueError(f"transformer_depth_middle must be ≥ 1, got {self.transformer_depth_middle}")
+        for mult in self.channel_mult:
+            if (self.model_channels * mult) % self.num_head_channels:
+                raise ValueError(f"{self.model_channels * mult} channels are not a multiple of num_head_channels "
+                                 f"{self.num_head_channels}")
+
+    @property
+    def attention_resolutions(self) -> tuple[int, ...]:
+        """Downsampling factors with attention (sgm's `attention_resolutions`)."""
+        return tuple(sorted((2**level for level, depth in enumerate(self.transformer_depth) if depth), reverse=True))
+
+    def sgm_kwargs(self) -> dict:
+        """`network_config.params` of an sgm yaml for this UNet."""
+        return dict(
+            adm_in_channels=self.adm_in_channels, num_classes="sequential", use_checkpoint=False,
+            in_channels=self.in_channels, out_channels=self.out_channels, model_channels=self.model_channels,
+            attention_resolutions=list(self.attention_resolutions), num_res_blocks=self.num_res_blocks,
+            channel_mult=list(self.channel_mult), num_head_channels=self.num_head_channels,
+            use_spatial_transformer=True, use_linear_in_transformer=True,
+            # sgm reads an entry for every level; levels without attention ignore theirs.
+            transformer_depth=[max(depth, 1) for depth in self.transformer_depth],
+            transformer_depth_middle=self.transformer_depth_middle, context_dim=self.context_dim,
+            spatial_transformer_attn_type="softmax-xformers", legacy=False,
+        )
+
+
+@dataclass(frozen=True)
+class OpenCLIPTextConfig:
+    """An open_clip text tower (SDXL's second text encoder is ViT-bigG-14's), run as a Hugging Face
+    `CLIPTextModelWithProjection` (exact GELU, LayerNorm ε 1e-5, causal mask, projection of the EOS token)."""
+
+    width: int = 1280
+    layers: int = 32
+    heads: int = 20
+    mlp_width: int = 5120
+    embed_dim: int = 1280  # text_projection output: the pooled part of SDXL's vector
+    vocab_size: int = 49408
+    context_length: int = 77
+
+    def hf_kwargs(self) -> dict:
+        return dict(hidden_size=self.width, intermediate_size=self.mlp_width, num_hidden_layers=self.layers,
+                    num_attention_heads=self.heads, projection_dim=self.embed_dim, vocab_size=self.vocab_size,
+                    max_position_embeddings=self.context_length, hidden_act="gelu", layer_norm_eps=1e-5,
+                    bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
+
+
+@dataclass(frozen=True)
+class SDXLArchitecture:
+    """The four networks of an SDXL base-layout checkpoint; the UNet's input widths must fit the text encoders."""
+
+    unet: SDXLUNetConfig
+    vae: VAEConfig
+    text_encoder: TextEncoderConfig  # CLIP ViT-L/14 (conditioner.embedders.0)
+    text_encoder_2: OpenCLIPTextConfig  # OpenCLIP ViT-bigG-14 (conditioner.embedders.1)
+    name: str = "sdxl"
+
+    def __post_init__(self) -> None:
+        if self.unet.context_dim != self.context_dim:
+            raise ValueError(f"UNet context_dim {self.unet.context_dim} ≠ {self.text_encoder.hidden_size} + "
+                             f"{self.text_encoder_2.width} (the two text encoders' widths)")
+        if self.unet.adm_in_channels != self.vector_dim:
+            raise ValueError(f"UNet adm_in_channels {self.unet.adm_in_channels} ≠ {self.text_encoder_2.embed_dim} + "
+                             f"{SIZE_FIELDS}·{SIZE_EMBED_DIM} (pooled text embedding and size embeddings)")
+
+    @property
+    def context_dim(self) -> int:
+        return self.text_encoder.hidden_size + self.text_encoder_2.width
+
+    @property
+    def vector_dim(self) -> int:
+        return self.text_encoder_2.embed_dim + SIZE_FIELDS * SIZE_EMBED_DIM
+
+
+SDXL = SDXLArchitecture(SDXLUNetConfig(), VAEConfig(), TextEncoderConfig(), OpenCLIPTextConfig(), name="sdxl")
+
+# SDXL's key names and block structure (per-level depth, 10-block middle) at tiny widths, for tests and demos.
+_TINY_G = OpenCLIPTextConfig(width=32, layers=2, heads=4, mlp_width=64, embed_dim=32)
+SDXL_TINY = SDXLArchitecture(
+    SDXLUNetConfig(model_channels=32, num_head_channels=8, context_dim=TINY.text_encoder.hidden_size + _TINY_G.width,
+                   adm_in_channels=_TINY_G.embed_dim + SIZE_FIELDS * SIZE_EMBED_DIM),
+    TINY.vae, TINY.text_encoder, _TINY_G, name="sdxl-tiny",
+)
+
+# The refiner's UNet (sd_xl_refiner.yaml): only recognised, to name it in messages.
+SDXL_REFINER_UNET = SDXLUNetConfig(model_channels=384, channel_mult=(1, 2, 4, 4), transformer_depth=(0, 4, 4, 0),
+                                   transformer_depth_middle=4, context_dim=1280, adm_in_channels=2560)

@@ -6,17 +6,20 @@ Both follow the k-diffusion model contract ``model(x, sigma, **extra) -> denoise
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gcfg_core.guidance import combine
+from gcfg_core.coefficients import step_coefficients
+from gcfg_core.conditioning import SDXLConditioning, condition_tokens, stack_conditions
+from gcfg_core.guidance import combine_sources
 from gcfg_core.kdiff import k_diffusion_modules
-from gcfg_core.terms import GuidancePlan
+from gcfg_core.parameterization import Prediction, denoised_from_output
+from gcfg_core.plan import GuidancePlan, SourceKey
 
 logger = logging.getLogger("gcfg.denoiser")
 
@@ -24,25 +27,60 @@ logger = logging.getLogger("gcfg.denoiser")
 _SIGMA_RTOL = 1e-5
 
 
-class Prediction(str, enum.Enum):
-    """What a UNet predicts (the names are diffusers' `prediction_type` values)."""
-
-    EPS = "epsilon"
-    X0 = "sample"
-    V = "v_prediction"
-
-
 class Denoiser(Protocol):
-    """A k-diffusion denoiser that takes the cross-attention context as `context` (None: a text-free model)."""
+    """A k-diffusion denoiser taking its model's condition as `context`: a cross-attention context tensor (SD 1.x),
+    an `SDXLConditioning` (SDXL) or None (a text-free model)."""
 
-    def __call__(self, x: Tensor, sigma: Tensor, *, context: Tensor | None = None) -> Tensor: ...
+    def __call__(self, x: Tensor, sigma: Tensor, *, context: Tensor | SDXLConditioning | None = None) -> Tensor: ...
+
+
+def unet_size_multiple(unet: nn.Module) -> int | None:
+    """The side multiple an ldm `UNetModel` needs for its plain forward: 2 ** (its downsampling layers); None for
+    other modules."""
+    from ldm.modules.diffusionmodules.openaimodel import Downsample, UNetModel
+
+    if not isinstance(unet, UNetModel):
+        return None
+    return 2 ** sum(isinstance(m, Downsample) for block in unet.input_blocks for m in block)
+
+
+def _resized_to(h: Tensor, skip: Tensor) -> Tensor:
+    return h if h.shape[-2:] == skip.shape[-2:] else F.interpolate(h, size=skip.shape[-2:], mode="nearest")
+
+
+def unet_forward_any_size(unet: nn.Module, x: Tensor, timesteps: Tensor, context: Tensor | None = None) -> Tensor:
+    """An ldm `UNetModel`'s forward for latents of any size, e.g. 9×9 for a 72-px image.
+
+    Each downsampling rounds odd sides up, so the upsampled features can come out one larger than the skip
+    connection they are joined with (9 → 5 → 3 → 2 → 4, against a skip of 3). Here they are resized to the
+    skip's size (nearest) before the join, which is what the WebUI does to accept image sides in multiples of
+    8 rather than 64. For sides the plain forward handles, the result equals it.
+    """
+    from ldm.modules.diffusionmodules.util import timestep_embedding
+
+    if getattr(unet, "num_classes", None) is not None:
+        raise ValueError("class-conditional UNets are not supported at sizes off the 64-px grid")
+    emb = unet.time_embed(timestep_embedding(timesteps, unet.model_channels, repeat_only=False))
+    h, skips = x.type(unet.dtype), []
+    for block in unet.input_blocks:
+        h = block(h, emb, context)
+        skips.append(h)
+    h = unet.middle_block(h, emb, context)
+    for block in unet.output_blocks:
+        skip = skips.pop()
+        h = block(torch.cat([_resized_to(h, skip), skip], dim=1), emb, context)
+    return unet.out(h.type(x.dtype))
 
 
 class UNetDenoiser(nn.Module):
-    """k-diffusion wrapper of an ldm UNet ``unet(x_t, t, context=...)`` on the DDPM schedule ``alphas_cumprod``.
+    """k-diffusion wrapper of a UNet ``unet(x_t, t, context=...[, y=...])`` on its own DDPM schedule ``alphas_cumprod``.
 
-    EPS is k-diffusion's `CompVisDenoiser`, V its `CompVisVDenoiser` (same scalings, no `apply_model` needed);
-    X0 returns the UNet output as is. The UNet sees ``x·c_in`` (= x_t) and the fractional timestep of σ.
+    The output is converted to x₀ with the UNet's own `prediction` (`gcfg_core.parameterization`): EPS is
+    k-diffusion's `CompVisDenoiser`, V its `CompVisVDenoiser` (same scalings, no `apply_model` needed); X0 returns
+    the UNet output as is. The UNet sees ``x·c_in`` (= x_t) and the fractional timestep of σ on *its* schedule, so
+    models on different schedules (zero terminal SNR or not) can serve one sampler; a σ outside the schedule's range
+    is read at the range's end (`gcfg_core.parameterization.denoised_from_output`). An `SDXLConditioning` context
+    is passed as ``context=crossattn, y=vector``.
     """
 
     def __init__(self, unet: nn.Module, alphas_cumprod: Tensor, prediction: Prediction = Prediction.EPS,
@@ -50,6 +88,7 @@ class UNetDenoiser(nn.Module):
         super().__init__()
         _, external = k_diffusion_modules()
         self.unet = unet
+        self.size_multiple = unet_size_multiple(unet)
         self.prediction = Prediction(prediction)
         alphas_cumprod = alphas_cumprod.detach().float().cpu()
         self.schedule = external.DiscreteSchedule(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5, quantize)
@@ -66,18 +105,21 @@ class UNetDenoiser(nn.Module):
         """The schedule's own `steps` sigmas, evenly spaced in t, plus a final 0 (the WebUI's "Uniform")."""
         return self.schedule.get_sigmas(steps)
 
-    def forward(self, x: Tensor, sigma: Tensor, *, context: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, *, context: Tensor | SDXLConditioning | None = None) -> Tensor:
         sigma = sigma.to(self.schedule.sigmas.device)
         view = (-1,) + (1,) * (x.dim() - 1)
         sigma_x = sigma.to(x.dtype).reshape(view)
         c_in = (sigma_x**2 + 1) ** -0.5
         t = self.schedule.sigma_to_t(sigma).to(x.device)
-        output = self.unet(x * c_in, t, context=context).to(x.dtype)
-        if self.prediction is Prediction.EPS:
-            return x - sigma_x * output
-        if self.prediction is Prediction.V:
-            return x * c_in**2 - output * sigma_x * c_in
-        return output
+        if isinstance(context, SDXLConditioning):
+            output = self.unet(x * c_in, t, context=context.crossattn, y=context.vector)
+        elif self.size_multiple and any(side % self.size_multiple for side in x.shape[-2:]):
+            output = unet_forward_any_size(self.unet, x * c_in, t, context=context)
+        else:
+            output = self.unet(x * c_in, t, context=context)
+        # The σ this model's own schedule can represent: beyond its range it sees (and is read at) the end of it.
+        model_sigma = sigma.clamp(self.schedule.sigma_min, self.schedule.sigma_max).to(x.dtype).reshape(view)
+        return denoised_from_output(self.prediction, output.to(x.dtype), x, sigma_x, model_sigma)
 
 
 def step_index(sigma: float, sigmas: Tensor) -> int:
@@ -108,18 +150,20 @@ class GCFGDenoiser:
 
     Args:
         models: model name → `Denoiser`. Names mapping to the same object share one call.
-        plan: the terms; at each step `GuidancePlan.coefficients` decides what is evaluated.
+        plan: the sources and weights; at each step `gcfg_core.coefficients.step_coefficients` decides what is
+            evaluated (a source whose coefficient is 0 is not).
         conds: encoded prompts, ``[T, C]`` (every image), ``[1, T, C]`` or ``[B, T, C]`` (one per image), looked up
             by ``(model, prompt)`` first and then by ``prompt``, so that models with different text encoders can
             each have their own encoding. A None prompt is called with ``context=None`` (text-free concept UNet).
+            SDXL models take `SDXLConditioning` (context and vector, each with 1 or B rows) instead of a tensor.
         sigmas: the sampler's schedule (descending, last 0); the step index of each call is read from it
             (`step_index`) and `steps` is ``len(sigmas) − 1``.
 
-    Per call: the active (model, prompt) pairs with non-zero coefficient are grouped by model; each model runs
-    once on ``[pairs × B]`` rows (x repeated, the contexts stacked). Contexts of different token lengths
+    Per call: the (model, prompt) sources with a non-zero coefficient are grouped by model; each model runs
+    once on ``[sources × B]`` rows (x repeated, the contexts stacked). Contexts of different token lengths
     (75-token chunks) for the same model go into separate calls instead of being padded, which is exact and is
-    what the WebUI does by default. The x₀ predictions are combined with `gcfg_core.guidance.combine`. Rows are
-    per image, so images of a batch never influence each other.
+    what the WebUI does by default. The x₀ predictions are combined with `gcfg_core.guidance.combine_sources`.
+    Rows are per image, so images of a batch never influence each other.
     """
 
     def __init__(self, models: Mapping[str, Callable[..., Tensor]], plan: GuidancePlan, conds: Mapping,
@@ -129,8 +173,8 @@ class GCFGDenoiser:
         missing = sorted(plan.models() - set(models))
         if missing:
             raise ValueError(f"the plan uses model(s) {missing} but only {sorted(models)} are available")
-        for term in (plan.uncond_term, *plan.terms):
-            _lookup_cond(conds, term.model, term.cond)
+        for model, cond in plan.keys():
+            _lookup_cond(conds, model, cond)
         self.models = dict(models)
         self.plan = plan
         self.conds = conds
@@ -144,24 +188,19 @@ class GCFGDenoiser:
     def step_index(self, sigma: Tensor) -> int:
         return step_index(float(sigma.reshape(-1)[0]), self.sigmas)
 
-    def _context(self, keys: tuple[tuple[str, str | None], ...], batch: int, like: Tensor) -> Tensor | None:
+    def _context(self, keys: tuple[SourceKey, ...], batch: int, like: Tensor) -> Tensor | None:
         cache_key = (keys, batch, like.device)
         if cache_key not in self._contexts:
             parts = [_lookup_cond(self.conds, model, cond) for model, cond in keys]
-            if parts[0] is None:
-                self._contexts[cache_key] = None
-            else:
-                rows = [part.reshape(-1, *part.shape[-2:]).expand(batch, -1, -1) for part in parts]
-                self._contexts[cache_key] = torch.cat(rows).to(like.device)
+            self._contexts[cache_key] = stack_conditions(parts, batch, like.device)
         return self._contexts[cache_key]
 
-    def _call_groups(self, keys: list[tuple[str, str | None]]) -> list[tuple[object, tuple]]:
+    def _call_groups(self, keys: list[SourceKey]) -> list[tuple[object, tuple]]:
         """(denoiser, keys) per call: keys grouped by denoiser object, then by context length."""
         groups: dict[tuple[int, int | None], tuple[object, list]] = {}
         for model, cond in keys:
             denoiser = self.models[model]
-            context = _lookup_cond(self.conds, model, cond)
-            length = None if context is None else int(context.shape[-2])
+            length = condition_tokens(_lookup_cond(self.conds, model, cond))
             groups.setdefault((id(denoiser), length), (denoiser, []))[1].append((model, cond))
         return [(denoiser, tuple(group)) for denoiser, group in groups.values()]
 
@@ -170,16 +209,16 @@ class GCFGDenoiser:
             logger.debug("ignoring extra sampler arguments %s", sorted(extra))
         step = self.step_index(sigma)
         self.last_step = step
-        coefficients: dict[tuple[str, str | None], float] = {}
-        for term, coefficient in self.plan.coefficients(step, self.steps):
-            coefficients[term.key] = coefficients.get(term.key, 0.0) + coefficient
-        keys = [key for key, coefficient in coefficients.items() if coefficient != 0.0]
-        if not keys:
+        batch = x.shape[0]
+        plan = self.plan
+        coefficients = step_coefficients(plan.weights, [(1.0,)] * batch, [plan.has_negative] * batch, step,
+                                         self.steps)
+        per_source = plan.source_coefficients(coefficients)
+        if not per_source:
             raise ValueError(f"every guidance coefficient is 0 at step {step}: nothing to evaluate")
 
-        batch = x.shape[0]
-        predictions: dict[tuple[str, str | None], Tensor] = {}
-        for denoiser, group in self._call_groups(keys):
+        predictions: dict[SourceKey, Tensor] = {}
+        for denoiser, group in self._call_groups(list(per_source)):
             n = len(group)
             x_in = x if n == 1 else x.repeat(n, *([1] * (x.dim() - 1)))
             sigma_in = sigma if n == 1 else sigma.repeat(n)
@@ -187,13 +226,7 @@ class GCFGDenoiser:
             predictions.update(zip(group, output.split(batch), strict=True))
             self.unet_rows += n * batch
         self.calls += 1
-
-        # Base: the uncond term, or (its coefficient being 0) the smallest-coefficient term, so that a classic
-        # negative prompt computes exactly the WebUI's neg + s·(cond − neg). Any base is exact since Σ coeffs = 1.
-        uncond_key = self.plan.uncond_term.key
-        base = uncond_key if uncond_key in predictions else min(keys, key=lambda k: coefficients[k])
-        others = [key for key in keys if key != base]
-        return combine(predictions[base], [predictions[key] for key in others], [coefficients[key] for key in others])
+        return combine_sources([(predictions[key], values) for key, values in per_source.items()])
 
     @property
     def rows_per_call(self) -> float:

@@ -3,6 +3,10 @@
 A reader (the WebUI tab, a resumed run) must never see a half-written file: every write goes to a temporary
 file in the same directory, is flushed and fsynced, then `os.replace`d over the target (atomic on POSIX and
 Windows when both paths are on one filesystem).
+
+On NTFS a file that another process holds open (the tab reading status.json, the WebUI loading a model) cannot be
+replaced: `os.replace` fails with a sharing violation (PermissionError) for as long as the reader keeps it open.
+Readers here open, read and close at once, so `replace_file` retries for a moment before giving up.
 """
 
 from __future__ import annotations
@@ -10,8 +14,26 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+# How long a replace waits for another process to close the target on Windows (sharing violations).
+REPLACE_RETRY_DELAYS_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+
+
+def replace_file(source: str | os.PathLike, target: str | os.PathLike, *, os_name: str = os.name,
+                 delays: tuple[float, ...] = REPLACE_RETRY_DELAYS_S,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+    """`os.replace(source, target)`; on Windows retried while another process holds `target` open."""
+    for delay in (*delays, None) if os_name == "nt" else (None,):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if delay is None:
+                raise
+            sleep(delay)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -41,7 +63,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        replace_file(tmp, target)
         fsync_dir(target.parent)
     finally:
         if tmp.exists():
@@ -65,3 +87,21 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[Path], None]) ->
     """Call `write(tmp_path)` and atomically move the result to `path` (e.g. `lambda p: torch.save(obj, p)`)."""
     with atomic_path(path) as tmp:
         write(tmp)
+
+
+def folder_write_problem(path: str | os.PathLike) -> str | None:
+    """Create the folder `path` (with its parents) and a temporary file in it; why that failed, or None.
+
+    The command lines call it before loading any model, so that an output or job folder they cannot write is
+    reported in seconds, not after the work.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        return "it is a file, not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None

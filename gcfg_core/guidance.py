@@ -61,3 +61,27 @@ def combine(uncond: Tensor, terms: Sequence[Tensor], weights: Sequence[float] | 
     if result is uncond:
         result = uncond.clone()
     return result
+
+
+def combine_sources(sources: Sequence[tuple[Tensor, Sequence[float]]]) -> Tensor:
+    """``Σₖ cₖ·Xₖ`` for predictions Xₖ whose per-image coefficients cₖ sum to 1 (`gcfg_core.coefficients`).
+
+    Computed as ``X₀ + Σₖ₌₁ cₖ (Xₖ − X₀)`` with the first source as the base: equal to the sum in exact arithmetic
+    because the coefficients sum to 1, and bit-equal to the WebUI's own ``N + s·(P − N)`` when the first source is
+    the negative prompt of a classic CFG step. `sources` is ``[(prediction [B, ...], [c for each of the B
+    images]), ...]``, the base first.
+    """
+    if not sources:
+        raise ValueError("combine_sources needs at least one source")
+    base, _ = sources[0]
+    others = sources[1:]
+    if not others:
+        return base.clone()
+    batch = base.shape[0]
+    weights = torch.tensor([[float(value) for value in values] for _, values in others], dtype=torch.float64)
+    if weights.shape != (len(others), batch):
+        raise ValueError(f"each source needs one coefficient per image ({batch}), got shape {list(weights.shape)}")
+    uniform = bool((weights == weights[:, :1]).all())
+    if uniform:
+        return combine(base, [prediction for prediction, _ in others], weights[:, 0].tolist())
+    return combine(base, [prediction for prediction, _ in others], weights)

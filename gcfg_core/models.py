@@ -48,6 +48,7 @@ from gcfg_core.configs import (
     sd1_alphas_cumprod,
 )
 from gcfg_core.fileio import atomic_path
+from gcfg_core.parameterization import Prediction
 from gcfg_core.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, MODEL_MAX_LENGTH, clip_tokenizer
 
 logger = logging.getLogger("gcfg.models")
@@ -55,6 +56,27 @@ logger = logging.getLogger("gcfg.models")
 CHUNK_TOKENS = MODEL_MAX_LENGTH - 2  # 75 prompt tokens between BOS and EOS, as in the WebUI
 POSITION_IDS_KEY = "text_model.embeddings.position_ids"
 PARTS = ("unet", "vae", "text_encoder")
+
+
+def tokenize_chunks(prompts: Sequence[str], *, pad_token_id: int = EOS_TOKEN_ID) -> torch.Tensor:
+    """CLIP token ids [B, k, 77]: each prompt in 75-token chunks wrapped in BOS/EOS, the rest `pad_token_id`.
+
+    The WebUI's layout: every prompt gets as many chunks as the longest one; chunks past a prompt's end are empty
+    prompts (BOS, EOS, padding). CLIP ViT-L pads with EOS, OpenCLIP with 0. Chunks split at exactly 75 tokens.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a sequence of strings, not one string")
+    token_lists = clip_tokenizer()(list(prompts), add_special_tokens=False, truncation=False)["input_ids"]
+    chunks_per_prompt = max([max(1, math.ceil(len(tokens) / CHUNK_TOKENS)) for tokens in token_lists] or [1])
+    rows = []
+    for tokens in token_lists:
+        chunks = []
+        for index in range(chunks_per_prompt):
+            body = tokens[index * CHUNK_TOKENS:(index + 1) * CHUNK_TOKENS]
+            chunk = [BOS_TOKEN_ID, *body, EOS_TOKEN_ID]
+            chunks.append(chunk + [pad_token_id] * (MODEL_MAX_LENGTH - len(chunk)))
+        rows.append(chunks)
+    return torch.tensor(rows, dtype=torch.int64)
 
 
 class StateDictMismatchError(ValueError):
@@ -314,20 +336,16 @@ class SDModel:
 
     def tokenize_chunks(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids [B, k, 77]: each prompt in 75-token chunks wrapped in BOS/EOS, padded with EOS (WebUI layout)."""
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a sequence of strings, not one string")
-        token_lists = clip_tokenizer()(list(prompts), add_special_tokens=False, truncation=False)["input_ids"]
-        chunks_per_prompt = max([max(1, math.ceil(len(tokens) / CHUNK_TOKENS)) for tokens in token_lists] or [1])
-        rows = []
-        for tokens in token_lists:
-            chunks = []
-            for index in range(chunks_per_prompt):
-                # Chunks past a prompt's end are empty prompts: BOS, EOS and EOS padding.
-                body = tokens[index * CHUNK_TOKENS:(index + 1) * CHUNK_TOKENS]
-                chunk = [BOS_TOKEN_ID, *body, EOS_TOKEN_ID]
-                chunks.append(chunk + [EOS_TOKEN_ID] * (MODEL_MAX_LENGTH - len(chunk)))
-            rows.append(chunks)
-        return torch.tensor(rows, dtype=torch.int64)
+        return tokenize_chunks(prompts)
+
+    @property
+    def prediction(self) -> Prediction:
+        """What the UNet predicts: v for SD 2.x v-prediction checkpoints, else ε."""
+        return Prediction.V if self.family is ModelFamily.SD2_V else Prediction.EPS
+
+    def encode_condition(self, prompt: str, *, clip_skip: int = 1, negative: bool = False, sizes=None) -> torch.Tensor:
+        """The context of one prompt ([1, 77·k, C]); SD 1.x encodes negative prompts and sizes no differently."""
+        return self.encode_prompts([prompt], clip_skip=clip_skip)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], *, clip_skip: int = 1) -> torch.Tensor:

@@ -17,18 +17,21 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from gcfg_core.checkpoint import ModelFamily, short_hash
-from gcfg_core.denoiser import GCFGDenoiser, Prediction, UNetDenoiser
+from gcfg_core.checkpoint import ModelFamily, base_family, short_hash
+from gcfg_core.conditioning import SizeConditioning
+from gcfg_core.denoiser import GCFGDenoiser, UNetDenoiser
 from gcfg_core.models import SDModel
 from gcfg_core.params import GCFGSettings
+from gcfg_core.plan import GuidancePlan, classic_plan, standard_plan
 from gcfg_core.pngmeta import format_parameters
 from gcfg_core.sampling import ImageNoise, resolve_sampler, sample, schedule_sigmas
 from gcfg_core.syntax import format_number
-from gcfg_core.terms import GuidancePlan, GuidanceTerm, ModelSlot, standard_plan
+from gcfg_core.terms import ModelSlot
 
 logger = logging.getLogger("gcfg.pipeline")
 
 MAX_SEED = 2**32 - 1
+SIZE_MULTIPLE = 8  # the WebUI's width/height step: one latent pixel per 8×8 image pixels (every SD VAE)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class GenerationRequest:
     batch_size: int = 1
     clip_skip: int = 1
     gcfg: GCFGSettings = field(default_factory=lambda: GCFGSettings(enabled=True))
+    # SDXL only: original size, crop and target size of every image; None = width×height, crop (0, 0).
+    sdxl_size: SizeConditioning | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
@@ -57,10 +62,17 @@ class GenerationRequest:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
+        for name in ("width", "height"):
+            if getattr(self, name) % SIZE_MULTIPLE:
+                value = getattr(self, name)
+                raise ValueError(f"{name} {value} is not a multiple of {SIZE_MULTIPLE} (the VAE maps 8×8 pixels to "
+                                 f"one latent pixel), e.g. {value - value % SIZE_MULTIPLE or SIZE_MULTIPLE}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -1 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be -1 (random) or an integer from 0 to {MAX_SEED}, got {self.seed!r}")
         if not isinstance(self.gcfg, GCFGSettings):
             raise ValueError(f"gcfg must be GCFGSettings, got {type(self.gcfg).__name__}")
+        if self.sdxl_size is not None and not isinstance(self.sdxl_size, SizeConditioning):
+            raise ValueError(f"sdxl_size must be SizeConditioning, got {type(self.sdxl_size).__name__}")
         resolve_sampler(self.sampler, self.scheduler)
 
 
@@ -72,25 +84,29 @@ class GenerationResult:
     unet_rows_per_step: float  # mean UNet rows (images × evaluated terms) per denoiser call
 
 
-def size_multiple(model: SDModel) -> int:
-    """Pixel multiple the image size must have: VAE downsampling × the UNet's own downsampling."""
-    return model.architecture.vae.downsample * 2 ** (len(model.architecture.unet.channel_mult) - 1)
+def size_multiple(model) -> int:
+    """Pixel multiple the image size must have: the VAE's downsampling for SD 1.x, whose ldm UNets run off their
+    own grid too (`gcfg_core.denoiser.UNetDenoiser`), as in the WebUI; × the UNet's own downsampling for SDXL."""
+    downsample = model.architecture.vae.downsample
+    if isinstance(model, SDModel):
+        return downsample
+    return downsample * 2 ** (len(model.architecture.unet.channel_mult) - 1)
 
 
 def build_plan(request: GenerationRequest, *, has_concept: bool) -> GuidancePlan:
     """The guidance plan of a request: classic CFG when GCFG is disabled, else `standard_plan`."""
     if not request.gcfg.enabled:
-        prompt_term = GuidanceTerm(ModelSlot.MAIN.value, request.prompt, request.cfg_scale, label="prompt")
-        return GuidancePlan(ModelSlot.MAIN.value, (prompt_term,), uncond_cond=request.negative_prompt)
+        return classic_plan(request.cfg_scale, request.prompt, request.negative_prompt)
     settings = request.gcfg
     return standard_plan(
         request.cfg_scale, request.prompt, request.negative_prompt, settings.negative_scale,
         settings.concept_weight if has_concept else 0.0, settings.parsed_terms(),
+        uncond_prompt=request.prompt if settings.uncond_prompt == "prompt" else "",
     )
 
 
 def _check_plan(plan: GuidancePlan, available: Mapping[str, object]) -> None:
-    for term in plan.terms:
+    for term in plan.weights.terms:
         if term.model not in available:
             hint = " (load a concept model)" if term.model == ModelSlot.CONCEPT.value else ""
             raise ValueError(f"term {term.weight:+g} uses model {term.model!r}, which is not loaded{hint}; "
@@ -100,22 +116,34 @@ def _check_plan(plan: GuidancePlan, available: Mapping[str, object]) -> None:
                              "is text-free: leave its prompt empty")
 
 
-def _encode_conds(plan: GuidancePlan, text_models: Mapping[str, SDModel], clip_skip: int) -> dict:
-    conds: dict[tuple[str, str], Tensor] = {}
-    encoded: dict[tuple[int, str], Tensor] = {}
-    for term in (plan.uncond_term, *plan.terms):
-        if term.cond is None:
+def _encode_conds(plan: GuidancePlan, text_models: Mapping[str, SDModel], clip_skip: int,
+                  sizes: SizeConditioning) -> dict:
+    """Each (model, prompt) of the plan encoded by that model's own text encoder(s).
+
+    E₀ and the negative prompt are encoded as the host encodes a negative prompt (for SDXL an empty one is zeros);
+    a term with the same (model, prompt) is the same prediction and shares that encoding.
+    """
+    negatives = {plan.uncond_key, plan.negative_key}
+    conds: dict[tuple[str, str], object] = {}
+    encoded: dict[tuple[int, str, bool], object] = {}
+    for model_name, cond in plan.keys():
+        if cond is None:
             continue
-        model = text_models[term.model]
-        cache_key = (id(model), term.cond)
+        model = text_models[model_name]
+        negative = (model_name, cond) in negatives
+        cache_key = (id(model), cond, negative)
         if cache_key not in encoded:
-            encoded[cache_key] = model.encode_prompts([term.cond], clip_skip=clip_skip)
-        conds[(term.model, term.cond)] = encoded[cache_key]
+            encoded[cache_key] = model.encode_condition(cond, clip_skip=clip_skip, negative=negative, sizes=sizes)
+        conds[(model_name, cond)] = encoded[cache_key]
     return conds
 
 
-def _prediction(model: SDModel) -> Prediction:
-    return Prediction.V if model.family is ModelFamily.SD2_V else Prediction.EPS
+def _check_families(main: SDModel, others: Mapping[str, SDModel]) -> None:
+    for role, model in others.items():
+        if model is not main and base_family(model.family) is not base_family(main.family):
+            raise ValueError(f"the {role} model {model.name!r} is {model.family.label} ({model.family.value}), but the "
+                             f"main model {main.name!r} is {main.family.label} ({main.family.value}): every model of a "
+                             "GCFG run must be of the main model's family")
 
 
 def _to_pil(images: Tensor) -> list[Image.Image]:
@@ -137,7 +165,7 @@ def infotext_params(request: GenerationRequest, seed: int, main: SDModel, schedu
         "Model": main.name or None,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
     }
-    params.update(request.gcfg.to_infotext())
+    params.update(request.gcfg.changed_infotext())
     return params
 
 
@@ -151,39 +179,50 @@ def generate(
     prior: SDModel,
     main: SDModel | None = None,
     concept_unet: nn.Module | None = None,
+    extra_models: Mapping[str, SDModel] | None = None,
     progress: bool = True,
 ) -> GenerationResult:
     """Sample `request.batch_size` images with GCFG: uncond from `prior`, prompts on `main` (default: `prior`).
 
-    `concept_unet` is a text-free (null-text) UNet on the SD 1 schedule; its term has weight
-    ``request.gcfg.concept_weight``. Images are decoded with the main model's VAE (the prior's if it has none).
+    Models are `SDModel`s (SD 1.x) or `SDXLModel`s, all of the main model's family; each is run with its own
+    parameterisation and schedule, and the sampler follows the main model's schedule. `extra_models` maps the
+    checkpoint names that terms use (``+2 @name prompt``) to models. `concept_unet` is a text-free (null-text)
+    SD 1.x UNet on the SD 1 schedule; its term has weight ``request.gcfg.concept_weight``. For SDXL, every image
+    is conditioned on `request.sdxl_size` (default: its own width and height, crop (0, 0)). Images are decoded
+    with the main model's VAE (the prior's if it has none).
     """
     main = prior if main is None else main
+    extra_models = dict(extra_models or {})
+    _check_families(main, {ModelSlot.PRIOR.value: prior, **extra_models})
     multiple = size_multiple(main)
     for name in ("width", "height"):
         if getattr(request, name) % multiple:
-            raise ValueError(f"{name} {getattr(request, name)} is not a multiple of {multiple} "
-                             f"(VAE ×{main.architecture.vae.downsample} and UNet downsampling)")
+            raise ValueError(f"{name} {getattr(request, name)} is not a multiple of {multiple} ("
+                             f"{'the VAE' if multiple == 8 else 'the VAE and the UNet'}'s downsampling)")
     spec, scheduler = resolve_sampler(request.sampler, request.scheduler)
     plan = build_plan(request, has_concept=concept_unet is not None)
-    text_models = {ModelSlot.PRIOR.value: prior, ModelSlot.MAIN.value: main}
+    text_models = {**extra_models, ModelSlot.PRIOR.value: prior, ModelSlot.MAIN.value: main}
     available: dict[str, object] = dict(text_models)
     if concept_unet is not None:
+        if base_family(main.family) is not ModelFamily.SD1:
+            raise ValueError(f"concept models are SD 1.x UNets; the main model {main.name!r} is {main.family.label}")
         available[ModelSlot.CONCEPT.value] = concept_unet
     _check_plan(plan, available)
     if main.vae is None and prior.vae is None:
         raise ValueError(f"neither {main.name!r} nor {prior.name!r} has a VAE to decode the images")
 
-    prior_denoiser = UNetDenoiser(prior.unet, prior.alphas_cumprod, _prediction(prior))
-    denoisers: dict[str, UNetDenoiser] = {ModelSlot.PRIOR.value: prior_denoiser}
-    denoisers[ModelSlot.MAIN.value] = (
-        prior_denoiser if main is prior else UNetDenoiser(main.unet, main.alphas_cumprod, _prediction(main))
-    )
+    denoisers: dict[str, UNetDenoiser] = {}
+    by_model: dict[int, UNetDenoiser] = {}
+    for slot, slot_model in text_models.items():
+        if id(slot_model) not in by_model:
+            by_model[id(slot_model)] = UNetDenoiser(slot_model.unet, slot_model.alphas_cumprod, slot_model.prediction)
+        denoisers[slot] = by_model[id(slot_model)]
     if concept_unet is not None:
         denoisers[ModelSlot.CONCEPT.value] = UNetDenoiser(concept_unet, prior.alphas_cumprod)
 
-    conds = _encode_conds(plan, text_models, request.clip_skip)
-    sigmas = schedule_sigmas(spec, scheduler, request.steps, prior_denoiser)
+    sizes = request.sdxl_size or SizeConditioning.for_image(request.width, request.height)
+    conds = _encode_conds(plan, text_models, request.clip_skip, sizes)
+    sigmas = schedule_sigmas(spec, scheduler, request.steps, denoisers[ModelSlot.MAIN.value])
     model = GCFGDenoiser(denoisers, plan, conds, sigmas)
 
     seed = resolve_seed(request.seed)
@@ -203,4 +242,3 @@ def generate(
         for image_seed in seeds
     ]
     return GenerationResult(images, seeds, infotexts, model.rows_per_call)
-

@@ -3,7 +3,7 @@
 Grammar (``[...]`` optional, blanks are spaces or tabs)::
 
     line    := <weight> [ "@"<model> ] [ "{"<start>"-"<end>"}" ] <prompt>
-    weight  := a number with an explicit sign: +4, -1.5, +0.25, -2e-1
+    weight  := a number with an explicit sign: +4, -1.5, +0.25, -2e-1, within [-30, 30]
     model   := prior | main | concept | any checkpoint name without blanks      (default: main)
     window  := fractions of the schedule, 0 ≤ start < end ≤ 1: {0-0.5}, {0.25-1}  (default: every step)
     prompt  := the rest of the line, passed through untouched (WebUI attention/editing syntax
@@ -30,8 +30,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from gcfg_core.terms import GuidanceTerm, ModelSlot, StepWindow
+from gcfg_core.terms import GuidanceTerm, ModelSlot, StepWindow, weight_range_problem
 
 _WEIGHT = re.compile(r"[+-](?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _NUMBER = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
@@ -48,13 +49,25 @@ EXPECTED_BLANK = "a space before the prompt"
 class TermSyntaxError(ValueError):
     """A terms line that does not parse; `line` and `column` are 1-based."""
 
-    def __init__(self, line: int, column: int, expected: str, found: str) -> None:
+    def __init__(self, line: int, column: int, expected: str, found: str, problem: str | None = None) -> None:
         self.line = line
         self.column = column
         self.expected = expected
         self.found = found
         found_text = f"found {found!r}" if found else "found the end of the line"
-        super().__init__(f"line {line}, column {column}: expected {expected}, {found_text}")
+        super().__init__(f"line {line}, column {column}: {problem or f'expected {expected}, {found_text}'}")
+
+
+@dataclass(frozen=True)
+class TermWarning:
+    """Something in a terms line that parses but is almost certainly a typo; `line` and `column` are 1-based."""
+
+    line: int
+    column: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}, column {self.column}: {self.message}"
 
 
 def _token_at(text: str, start: int) -> str:
@@ -82,6 +95,10 @@ def _parse_line(text: str, line_number: int) -> GuidanceTerm:
     weight = float(weight_match.group())
     if not math.isfinite(weight):
         raise fail(EXPECTED_WEIGHT, position)
+    problem = weight_range_problem(weight)
+    if problem is not None:
+        raise TermSyntaxError(line_number, position + 1, EXPECTED_WEIGHT, weight_match.group(),
+                              f"weight {problem}")
     position = _skip_blanks(text, weight_match.end())
 
     model = ModelSlot.MAIN.value
@@ -113,15 +130,38 @@ def _parse_line(text: str, line_number: int) -> GuidanceTerm:
     return GuidanceTerm(model, cond, weight, window)
 
 
-def parse_terms(text: str) -> tuple[GuidanceTerm, ...]:
-    """Parse the terms box (grammar in the module docstring); raise `TermSyntaxError` naming line and column."""
-    terms = []
+def _term_lines(text: str):
+    """(1-based line number, line) of every line that holds a term: blank and comment lines left out."""
     for line_number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip(_BLANKS + "\r")
-        if not stripped or stripped.startswith("#"):
-            continue
-        terms.append(_parse_line(line.rstrip("\r"), line_number))
-    return tuple(terms)
+        if stripped and not stripped.startswith("#"):
+            yield line_number, line.rstrip("\r")
+
+
+def parse_terms(text: str) -> tuple[GuidanceTerm, ...]:
+    """Parse the terms box (grammar in the module docstring); raise `TermSyntaxError` naming line and column."""
+    return tuple(_parse_line(line, line_number) for line_number, line in _term_lines(text))
+
+
+# A prompt starting like a window: "{" and a number, e.g. "{0.5- dog" or "{0.5-1 dog" (the brace never closed).
+_BROKEN_WINDOW = re.compile(r"\{\s*[\d.]")
+
+
+def term_warnings(text: str) -> tuple[TermWarning, ...]:
+    """Lines that parse but look like typos: a prompt that starts like a step window that is not one."""
+    warnings = []
+    for line_number, line in _term_lines(text):
+        try:
+            term = _parse_line(line, line_number)
+        except TermSyntaxError:
+            continue  # reported as an error instead
+        prompt = term.cond or ""
+        if term.window is None and _BROKEN_WINDOW.match(prompt):
+            column = line.index(prompt) + 1
+            warnings.append(TermWarning(line_number, column, f"{_token_at(prompt, 0)!r} starts like a step window "
+                                        "but is not one, so it is read as prompt text; write {start-end}, "
+                                        "e.g. {0.5-1}"))
+    return tuple(warnings)
 
 
 def format_number(value: float) -> str:

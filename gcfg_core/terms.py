@@ -1,11 +1,7 @@
-"""Guidance terms and plans of Generalized Classifier-free Guidance (Cao et al. 2023, arXiv 2312.08195, Eq. 3).
+"""Guidance terms of Generalized Classifier-free Guidance (Cao et al. 2023, arXiv 2312.08195, Eq. 3).
 
-A *plan* is an unconditional source plus signed terms. At a step it gives each term's final coefficient::
-
-    D = c₀·D₀ + Σᵢ wᵢ·Dᵢ      with c₀ = 1 − Σᵢ wᵢ   (only the terms active at that step count)
-
-which is Eq. 3, ``D₀ + Σᵢ wᵢ (Dᵢ − D₀)``, written as an affine combination. Terms whose coefficient is 0
-are dropped so that they are never evaluated.
+A term is one model evaluated with one condition and a signed weight, optionally only in a window of the
+schedule; `gcfg_core.coefficients` turns the terms into the coefficients of each step.
 
 A term's model is a plain string: one of the slots in `ModelSlot` (``"prior"``, ``"main"``, ``"concept"``) or
 any other name (a checkpoint name); whoever runs the plan maps names to denoisers.
@@ -19,12 +15,19 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
-# Coefficients this close to 0 (relative to the weights involved) are exact zeros that floating point
-# rounding missed: the classic negative term has weight fl(1 − s), so 1 − s − fl(1 − s) can be ~1e-16.
-_ZERO_TOLERANCE = 1e-12
+# Every weight a user types (concept weight, negative scale, extra terms) lies within ±MAX_WEIGHT, the WebUI's CFG
+# scale maximum: far beyond any useful guidance, and small enough that a typo such as 1e30 is refused before
+# sampling instead of overflowing it.
+MAX_WEIGHT = 30.0
+
+
+def weight_range_problem(value: float) -> str | None:
+    """The message for a weight outside [−MAX_WEIGHT, MAX_WEIGHT] (None when it is inside)."""
+    if -MAX_WEIGHT <= value <= MAX_WEIGHT:
+        return None
+    return f"{value:g} is outside [{-MAX_WEIGHT:g}, {MAX_WEIGHT:g}]"
 
 
 class ModelSlot(str, enum.Enum):
@@ -50,7 +53,7 @@ class StepWindow:
 
     def is_active(self, step: int, steps: int) -> bool:
         """Whether 0-based step `step` of `steps` falls in the window: ``start ≤ step/steps < end``."""
-        _check_step(step, steps)
+        check_step(step, steps)
         # Float division, not start·steps: step/steps rounds to the same double as the decimal the user wrote
         # (3/10 == 0.3), whereas 0.3·10 == 3.0000000000000004 would switch one step late.
         return self.start <= step / steps < self.end
@@ -60,7 +63,8 @@ class StepWindow:
         return self.start == 0.0 and self.end == 1.0
 
 
-def _check_step(step: int, steps: int) -> None:
+def check_step(step: int, steps: int) -> None:
+    """Raise a ValueError unless 0 ≤ `step` < `steps` (0-based step of a schedule of `steps` steps)."""
     if steps < 1:
         raise ValueError(f"steps must be ≥ 1, got {steps}")
     if not 0 <= step < steps:
@@ -99,78 +103,3 @@ class GuidanceTerm:
     def key(self) -> tuple[str, str | None]:
         """What has to be evaluated for this term: (model, condition)."""
         return (self.model, self.cond)
-
-
-@dataclass(frozen=True)
-class GuidancePlan:
-    """The unconditional source (`uncond_model` with prompt `uncond_cond`) plus the GCFG terms."""
-
-    uncond_model: str
-    terms: tuple[GuidanceTerm, ...] = ()
-    uncond_cond: str | None = ""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.uncond_model, str) or not self.uncond_model.strip():
-            raise ValueError(f"uncond model must be a non-empty name, got {self.uncond_model!r}")
-        if isinstance(self.uncond_model, ModelSlot):
-            object.__setattr__(self, "uncond_model", self.uncond_model.value)
-        object.__setattr__(self, "terms", tuple(self.terms))
-        for term in self.terms:
-            if not isinstance(term, GuidanceTerm):
-                raise ValueError(f"plan terms must be GuidanceTerm objects, got {term!r}")
-
-    @property
-    def uncond_term(self) -> GuidanceTerm:
-        """The unconditional source as a term (its `weight` field is unused; see `coefficients`)."""
-        return GuidanceTerm(self.uncond_model, self.uncond_cond, 0.0, label="uncond")
-
-    def coefficients(self, step: int, steps: int) -> list[tuple[GuidanceTerm, float]]:
-        """Every non-zero coefficient at 0-based `step` of `steps`: uncond (1 − Σ active wᵢ) first, then the terms."""
-        _check_step(step, steps)
-        active = [term for term in self.terms if term.is_active(step, steps)]
-        weights = [term.weight for term in active]
-        uncond = math.fsum([1.0, *(-w for w in weights)])
-        if abs(uncond) <= _ZERO_TOLERANCE * (1.0 + math.fsum(abs(w) for w in weights)):
-            uncond = 0.0
-        pairs = [(self.uncond_term, uncond), *((term, term.weight) for term in active)]
-        return [(term, coefficient) for term, coefficient in pairs if coefficient != 0.0]
-
-    def models(self) -> frozenset[str]:
-        """Every model name the plan may use at some step."""
-        return frozenset([self.uncond_model, *(term.model for term in self.terms)])
-
-
-def standard_plan(
-    cfg_scale: float,
-    prompt: str,
-    negative_prompt: str = "",
-    negative_scale: float | None = None,
-    concept_weight: float = 0.0,
-    extra_terms: Iterable[GuidanceTerm] = (),
-    *,
-    prior_slot: str = ModelSlot.PRIOR.value,
-    main_slot: str = ModelSlot.MAIN.value,
-    concept_slot: str = ModelSlot.CONCEPT.value,
-) -> GuidancePlan:
-    """The plan of a usual request: uncond from the prior, prompt at `cfg_scale`, negative, concept, extra terms.
-
-    * the prompt is a `main` term with weight `cfg_scale` (paper: control guidance);
-    * a non-empty negative prompt with `negative_scale` None ("classic") takes the unconditional role itself, as in
-      the WebUI: the uncond source is the main model with the negative prompt, its coefficient ``1 − Σ wᵢ``
-      (``1 − cfg_scale`` when there are no other terms, the paper's classic negative weight), so the prior is
-      never evaluated (paper app. B);
-    * a non-empty negative prompt with a number is a `main` term of that weight; the prior carries the rest;
-    * an empty negative prompt is no term at all: the prior carries ``1 − cfg_scale`` (minus the other weights);
-    * `concept_weight` ≠ 0 adds the text-free `concept` term (cond None);
-    * `extra_terms` are appended as they are.
-    """
-    terms = [GuidanceTerm(main_slot, prompt, cfg_scale, label="prompt")]
-    classic_negative = bool(negative_prompt) and negative_scale is None
-    if negative_prompt and not classic_negative:
-        terms.append(GuidanceTerm(main_slot, negative_prompt, negative_scale, label="negative"))
-    if concept_weight:
-        terms.append(GuidanceTerm(concept_slot, None, concept_weight, label="concept"))
-    terms.extend(extra_terms)
-    if classic_negative:
-        return GuidancePlan(main_slot, tuple(terms), uncond_cond=negative_prompt)
-    return GuidancePlan(prior_slot, tuple(terms))

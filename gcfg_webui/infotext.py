@@ -24,14 +24,7 @@ def _default_text(param) -> str:
 
 def generation_params(settings: GCFGSettings) -> dict[str, str]:
     """The `extra_generation_params` entries for `settings`: ``GCFG`` plus every non-default value (none when off)."""
-    values = settings.to_infotext()
-    for param in PARAMS:
-        key = param.infotext_key
-        if param.kind is ParamKind.MODEL and values.get(key) == "":
-            values[key] = NONE_CHOICE
-        if key != ENABLED_KEY and key in values and values[key] == _default_text(param):
-            del values[key]
-    return values
+    return settings.to_infotext()
 
 
 def settings_from_infotext(params: Mapping[str, str]) -> GCFGSettings:

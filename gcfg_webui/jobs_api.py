@@ -5,12 +5,13 @@
     GET    /gcfg/v1/jobs/{id}               one job, with its config
     GET    /gcfg/v1/jobs/{id}/log?lines=N   the end of its log
     GET    /gcfg/v1/jobs/{id}/loss          (step, loss) points
-    GET    /gcfg/v1/jobs/{id}/loss.png      the loss plot
+    GET    /gcfg/v1/jobs/{id}/loss.png      the loss plot (?theme=dark for a dark background)
     GET    /gcfg/v1/jobs/{id}/preview.png   the newest preview grid (404 when none yet)
     POST   /gcfg/v1/jobs/{id}/cancel|stop|resume   (resume takes optional config overrides as its body)
     DELETE /gcfg/v1/jobs/{id}
 
-Protected by the WebUI's `--api-auth` rule (gcfg_webui.api.auth_dependency). A request never names a file: the
+Who may call them: gcfg_webui.access (they exist only with --api; every POST and the DELETE change state and need
+credentials, or a server reachable from this machine alone). A request never names a file: the
 dataset folder must resolve inside the allowed dataset roots, the base checkpoint is looked up in the WebUI's
 checkpoint list, the job folder is chosen by the server from the sanitised name, and job files are reached only
 through a validated job id.
@@ -24,10 +25,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Body, Depends, FastAPI, Query
-from fastapi.responses import JSONResponse, Response
+from fastapi import Body, FastAPI, Query
+from fastapi.responses import FileResponse, JSONResponse, Response
 
-from gcfg_webui.api import auth_dependency, parse_credentials
+from gcfg_webui import access
 from trainer.config import ConfigError, TrainConfig
 from trainer.jobs import JobConflictError, JobError, JobManager, JobNotFoundError, PathPolicy
 
@@ -46,6 +47,7 @@ class TrainingHost:
     checkpoint_titles: Callable[[], list[str]]  # the WebUI's checkpoint list (dropdown choices)
     resolve_checkpoint: Callable[[str], str | None]  # a title or name from that list -> its file, else None
     devices: Callable[[], list[str]]  # device choices: "auto", "cpu", "cuda:0", ...
+    auto_device: str = "cpu"  # what "auto" means on this machine (the tab says so; CPU-only machines get CPU defaults)
 
 
 class RequestError(ValueError):
@@ -134,10 +136,10 @@ def _job_error_response(error: JobError) -> JSONResponse:
     return _problems_response([(error.argument, str(error))])
 
 
-def add_job_routes(app: FastAPI, api_auth: str | None, host: TrainingHost | Callable[[], TrainingHost]) -> None:
-    """Register the job routes on `app`; `host` may be a callable so a reloaded UI serves the current host."""
-    credentials = parse_credentials(api_auth)
-    dependencies = [Depends(auth_dependency(credentials))] if credentials else []
+def add_job_routes(app: FastAPI, policy: access.AccessPolicy,
+                   host: TrainingHost | Callable[[], TrainingHost]) -> None:
+    """Register the job routes on `app` as `policy` allows; `host` may be a callable so a reloaded UI serves the
+    current host."""
     current = host if callable(host) and not isinstance(host, TrainingHost) else (lambda: host)
 
     def guarded(action: Callable[[], Any]) -> Any:
@@ -173,15 +175,15 @@ def add_job_routes(app: FastAPI, api_auth: str | None, host: TrainingHost | Call
     def loss(job_id: str) -> Any:
         return guarded(lambda: {"id": job_id, "points": current().manager.loss_points(job_id)})
 
-    def loss_png(job_id: str) -> Any:
-        return guarded(lambda: Response(current().manager.loss_plot_png(job_id), media_type="image/png"))
+    def loss_png(job_id: str, theme: str = Query("light", regex="^(light|dark)$")) -> Any:  # noqa: B008
+        return guarded(lambda: Response(current().manager.loss_plot_png(job_id, theme=theme), media_type="image/png"))
 
     def preview_png(job_id: str) -> Any:
         def run():
             path = current().manager.latest_preview(job_id)
             if path is None:
                 return JSONResponse(status_code=404, content={"detail": f"job {job_id!r} has no preview yet"})
-            return Response(path.read_bytes(), media_type="image/png")
+            return FileResponse(path, media_type="image/png")
 
         return guarded(run)
 
@@ -207,11 +209,12 @@ def add_job_routes(app: FastAPI, api_auth: str | None, host: TrainingHost | Call
 
         return guarded(run)
 
-    routes = (("", list_jobs, ["GET"]), ("", create, ["POST"]), ("/{job_id}", get, ["GET"]),
-              ("/{job_id}/log", log_tail, ["GET"]), ("/{job_id}/loss", loss, ["GET"]),
-              ("/{job_id}/loss.png", loss_png, ["GET"]), ("/{job_id}/preview.png", preview_png, ["GET"]),
-              ("/{job_id}/cancel", cancel, ["POST"]), ("/{job_id}/stop", stop, ["POST"]),
-              ("/{job_id}/resume", resume, ["POST"]), ("/{job_id}", delete, ["DELETE"]))
-    for path, endpoint, methods in routes:
-        app.add_api_route(PREFIX + path, endpoint, methods=methods, dependencies=dependencies)
-    logger.info("GCFG: training job routes under %s%s", PREFIX, " (with --api-auth)" if credentials else "")
+    access.add_routes(app, policy, [
+        (PREFIX, list_jobs, ["GET"], False), (PREFIX, create, ["POST"], True),
+        (PREFIX + "/{job_id}", get, ["GET"], False), (PREFIX + "/{job_id}/log", log_tail, ["GET"], False),
+        (PREFIX + "/{job_id}/loss", loss, ["GET"], False), (PREFIX + "/{job_id}/loss.png", loss_png, ["GET"], False),
+        (PREFIX + "/{job_id}/preview.png", preview_png, ["GET"], False),
+        (PREFIX + "/{job_id}/cancel", cancel, ["POST"], True), (PREFIX + "/{job_id}/stop", stop, ["POST"], True),
+        (PREFIX + "/{job_id}/resume", resume, ["POST"], True), (PREFIX + "/{job_id}", delete, ["DELETE"], True),
+    ])
+    access.log_policy_once(policy)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from gcfg_webui.args import NONE_CHOICE
-from gcfg_webui.extra_models import EMPTY_PROMPT_CURRENT, EMPTY_PROMPT_OWN, list_prior_titles
+from gcfg_webui.model_files import list_prior_titles
 
 SECTION = ("gcfg", "GCFG")
+EMPTY_PROMPT_OWN = "Prior's own text encoder"
+EMPTY_PROMPT_CURRENT = "Current model's text encoder"
+PREDICTION_OPTION = "gcfg_unmarked_sdxl_prediction"
+PREDICTION_DEFAULT = "eps"
+PREDICTION_CHOICES = ("eps", "v", "eps-ztsnr", "v-ztsnr")
 
 
 def options(shared, gr) -> dict:
@@ -24,6 +29,15 @@ def options(shared, gr) -> dict:
             {"choices": [EMPTY_PROMPT_OWN, EMPTY_PROMPT_CURRENT]}).info(
             "the prior's own text encoder is faithful; the current model's is cheaper and equal when both share "
             "the SD 1.5 text encoder"),
+        PREDICTION_OPTION: shared.OptionInfo(
+            PREDICTION_DEFAULT, "What a prior or checkpoint-term SDXL file predicts when its keys and metadata do not "
+            "say", gr.Radio, {"choices": list(PREDICTION_CHOICES)}).info(
+            "v-prediction and zero-terminal-SNR fine-tunes usually carry v_pred/ztsnr marker keys or metadata, "
+            "which always win; set this for one that does not"),
+        "gcfg_routing": shared.OptionInfo(
+            True, "Route the uncond rows to the prior inside the WebUI's batched UNet call").info(
+            "saves rows; turn off when another extension hooks the UNet and expects the WebUI's [cond, uncond] "
+            "rows (GCFG also turns it off by itself when it sees the UNet's forward patched)"),
     }
 
 

@@ -5,22 +5,28 @@ Nothing here trains: the form creates a job in the `JobManager`, which runs the 
 page polls with a hidden button that javascript/gcfg_training.js clicks every two seconds while the tab is visible
 (`queue=False`: a poll never waits behind a generation). Every handler reads the job folders, so a reloaded page or a
 restarted WebUI shows the same jobs. The WebUI is reached only through the `TrainingHost` (gcfg_webui.jobs_api).
+
+On a machine without a GPU the form starts with a run the CPU can finish (`CPU_DEFAULTS`) and says why; with a GPU
+it starts with the paper's settings (the config defaults). The loss plot is gradio's interactive LinePlot (zoom,
+pan, tooltips; it follows the light or dark theme); the PNG of the same curve stays for the REST route.
 """
 
 from __future__ import annotations
 
 import enum
 import html
-import io
 import logging
+import math
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gcfg_webui.jobs_api import UNLOAD_FIELD, RequestError, TrainingHost, create_job
 from trainer.config import FieldSpec, config_fields
 from trainer.jobfolder import ACTIVE_STATES, JobState
 from trainer.jobs import JobAction, JobError, JobInfo
+from trainer.jobs.losses import plot_rows
 
 logger = logging.getLogger("gcfg.training_tab")
 
@@ -37,7 +43,32 @@ SERVER_FIELDS = ("job_dir",)  # chosen by the server, never in the form
 _LABELS = {"lr_schedule": "LR schedule", "ema_decay": "EMA decay", "min_snr_gamma": "Min-SNR γ",
            "adam_beta1": "Adam β1", "adam_beta2": "Adam β2", "adam_epsilon": "Adam ε",
            "dataset_dir": "Dataset folder", "base_checkpoint": "Base checkpoint (SD 1.5)", "name": "Output name",
-           "device": "GPU", "preview_seeds": "Preview seeds", "preview_prompts": "Preview prompts"}
+           "device": "Device", "preview_seeds": "Preview seeds", "preview_prompts": "Preview prompts"}
+
+
+# Where there is no GPU: a run a CPU finishes (the paper's 512 px / batch 32 / 10,000 steps take days there) in
+# full precision (fp16 does not run on CPUs, bf16 autocast is slow on most of them).
+CPU_DEFAULTS: Mapping[str, Any] = {"resolution": 256, "max_steps": 500, "batch_size": 4, "micro_batch_size": 1,
+                                   "mixed_precision": "no", "checkpoint_every_steps": 100, "preview_every_steps": 250}
+AUTO = "auto"
+ARROW = " → "
+
+
+def cpu_warning_html(defaults: Mapping[str, Any] = CPU_DEFAULTS) -> str:
+    return ('<div class="gcfg-train-warning"><b>No GPU found: training runs on the CPU.</b> A full-size concept '
+            "UNet (the paper's 512 px, batch 32, 10,000 steps) takes days here. The form starts with a small run "
+            f"instead ({defaults['resolution']} px, batch {defaults['batch_size']}, {defaults['max_steps']} steps, "
+            "full precision); use a machine with a GPU for real training.</div>")
+
+
+def device_choices(devices: Sequence[str], auto_device: str) -> list[str]:
+    """Dropdown entries: "auto" shows what it resolves to on this machine ("auto → cpu")."""
+    return [f"{AUTO}{ARROW}{auto_device}" if d == AUTO else d for d in devices]
+
+
+def device_value(choice: str) -> str:
+    """The config value of a dropdown entry ("auto → cuda:0" -> "auto")."""
+    return choice.split(ARROW, 1)[0].strip() if isinstance(choice, str) else choice
 
 
 def field_label(name: str) -> str:
@@ -53,9 +84,10 @@ def form_fields() -> tuple[tuple[FieldSpec, ...], tuple[FieldSpec, ...]]:
     return main, advanced
 
 
-def widget_value(spec: FieldSpec) -> Any:
-    """The form's initial value of a field (tuples as text: one prompt per line, seeds comma-separated)."""
-    default = spec.default
+def widget_value(spec: FieldSpec, defaults: Mapping[str, Any] | None = None) -> Any:
+    """The form's initial value of a field (tuples as text: one prompt per line, seeds comma-separated); `defaults`
+    replaces some config defaults (e.g. `CPU_DEFAULTS`)."""
+    default = (defaults or {}).get(spec.name, spec.default)
     if isinstance(default, enum.Enum):
         return default.value
     if spec.name == "preview_prompts":
@@ -136,6 +168,75 @@ def render_detail_html(job: JobInfo | None) -> str:
     return '<div class="gcfg-train-detail">' + "<br>".join(p for p in parts if p) + "</div>"
 
 
+def status_line_html(job: JobInfo) -> str:
+    """One sentence on where the job stands now, for the line under the action buttons."""
+    name = f"<b>{html.escape(job.name)}</b>"
+    state = job.state
+    if state == JobState.QUEUED:
+        where = f" (position {job.queue_position})" if job.queue_position else ""
+        text = f"{name} is queued{where}."
+    elif state == JobState.TRAINING:
+        text = f"{name} is training: step {job.step}/{job.total_steps}."
+    elif state == JobState.STOPPING:
+        text = f"{name} is saving a checkpoint, then stops."
+    elif state in ACTIVE_STATES:
+        text = f"{name} is {html.escape(state.value)}: {html.escape(job.message)}"
+    elif state == JobState.STOPPED:
+        text = f"{name} stopped at step {job.step}; Resume continues from there."
+    elif state == JobState.COMPLETED:
+        model = f": concept model <code>{html.escape(job.published)}</code>" if job.published else ""
+        text = f"{name} completed {job.step} steps{model}."
+    elif state == JobState.FAILED:
+        text = f"{name} failed: {html.escape(job.last_error or job.message)}"
+    elif state == JobState.INTERRUPTED:
+        text = f"{name} was interrupted at step {job.step}; Resume continues from the last checkpoint."
+    else:
+        text = f"{name} was {html.escape(state.value)}."
+    kind = "problems" if state == JobState.FAILED else "ok"
+    return f'<div class="gcfg-train-{kind}" data-state="{html.escape(state.value)}">{text}</div>'
+
+
+LOSS_PLOT_HEIGHT = 260
+
+
+def loss_chart_spec(rows: Sequence[Mapping[str, object]], y_domain: tuple[float, float]) -> str:
+    """Vega-Lite JSON of the loss chart: raw losses as faint dots, the smoothed curve as a line, tooltips, zoom and
+    pan (drag, wheel; double-click resets), as wide as its box."""
+    import altair as alt
+    import pandas as pd
+
+    color = alt.Color("series:N", scale=alt.Scale(domain=["loss", "smoothed"], range=[0, 1]),
+                      legend=alt.Legend(title=None, orient="top-right"))
+    x = alt.X("step:Q", title="step", axis=alt.Axis(tickMinStep=1, format="d", labelOverlap=True))
+    y = alt.Y("loss:Q", title="training loss", scale=alt.Scale(domain=list(y_domain), zero=False))
+    tooltip = [alt.Tooltip("step:Q"), alt.Tooltip("loss:Q", format=".4g"), alt.Tooltip("series:N")]
+    base = alt.Chart(pd.DataFrame(list(rows)))
+    raw = base.transform_filter(alt.datum.series == "loss").mark_circle(size=18, opacity=0.6, clip=True).encode(
+        x=x, y=y, color=color, tooltip=tooltip)
+    smoothed = base.transform_filter(alt.datum.series == "smoothed").mark_line(strokeWidth=2.5, clip=True).encode(
+        x=x, y=y, color=color, tooltip=tooltip)
+    chart = alt.layer(raw, smoothed).properties(width="container", height=LOSS_PLOT_HEIGHT, background="transparent",
+                                                padding={"top": 30, "left": 8, "right": 12, "bottom": 6})
+    return chart.interactive().to_json()
+
+
+def loss_plot_value(points: Sequence[Mapping[str, float]]) -> dict | None:
+    """The plot's value for `points`, y range robust to a few diverged steps; None when there are none yet.
+
+    Handed to gradio as an already built chart marked as a line chart ("chart": "line"), so gradio's front end
+    gives it the page's theme (light or dark text and grid) and palette, as it does for its own LinePlot.
+    """
+    rows = plot_rows(list(points))
+    if not rows:
+        return None
+    losses = sorted(r["loss"] for r in rows if r["series"] == "loss")
+    smoothed = [r["loss"] for r in rows if r["series"] == "smoothed"]
+    lo = min(losses[int(0.01 * (len(losses) - 1))], min(smoothed))
+    hi = max(losses[math.ceil(0.99 * (len(losses) - 1))], max(smoothed))
+    pad = 0.05 * (hi - lo) or 0.05 * (abs(hi) or 1)
+    return {"type": "altair", "plot": loss_chart_spec(rows, (lo - pad, hi + pad)), "chart": "line"}
+
+
 def render_problems_html(problems: Sequence[tuple[str, str]]) -> str:
     items = "".join(f"<li><b>{html.escape(field_label(arg))}</b>: {html.escape(msg)}</li>" for arg, msg in problems)
     return f'<div class="gcfg-train-problems"><p>The job was not created:</p><ul>{items}</ul></div>'
@@ -147,6 +248,8 @@ class TrainingTab:
     def __init__(self, host: TrainingHost):
         self.host = host
         self.main_fields, self.advanced_fields = form_fields()
+        self.on_cpu = host.auto_device == "cpu"
+        self.defaults: Mapping[str, Any] = CPU_DEFAULTS if self.on_cpu else {}
 
     # --- form
 
@@ -156,7 +259,8 @@ class TrainingTab:
         specs = self.main_fields + self.advanced_fields
         request: dict[str, Any] = {spec.name: parse_widget(spec, value) for spec, value in zip(specs, values,
                                                                                                strict=True)}
-        request.update(name=name, dataset_dir=dataset_dir, base_checkpoint=base_checkpoint, device=device)
+        request.update(name=name, dataset_dir=dataset_dir, base_checkpoint=base_checkpoint,
+                       device=device_value(device))
         request[UNLOAD_FIELD] = bool(unload)
         try:
             info = create_job(self.host, request)
@@ -167,8 +271,11 @@ class TrainingTab:
 
     # --- live view
 
-    def poll(self, selected: str | None, sent: dict | None) -> tuple[Any, ...]:
-        """Everything the live view shows; images and log are only re-sent when they changed (see `sent`)."""
+    def poll(self, selected: str | None, sent: dict | None, followed: dict | None = None) -> tuple[Any, ...]:
+        """Everything the live view shows; the plot, preview and log are only re-sent when they changed (see
+        `sent`). The status line under the buttons follows the job of the last action: `followed` is {"job", "state"}
+        as the action left it (written by `act` only, so a poll that overlaps an action cannot lose it); once that
+        job's state differs, every poll shows the line for its current state."""
         import gradio as gr
 
         sent = dict(sent or {})
@@ -182,15 +289,16 @@ class TrainingTab:
         loss: Any = gr.update()
         preview: Any = gr.update()
         log_text: Any = gr.update()
+        status: Any = gr.update()
         if job is None:
             if sent.get("job"):
                 loss, preview, log_text, sent = None, None, "", {}
         else:
             if sent.get("job") != job.id:
                 sent = {"job": job.id}
-            points = len(self.host.manager.loss_points(job.id))
-            if sent.get("loss") != points:
-                loss, sent["loss"] = _png_image(self.host.manager.loss_plot_png(job.id)), points
+            points = self.host.manager.loss_points(job.id)
+            if sent.get("loss") != len(points):
+                loss, sent["loss"] = loss_plot_value(points), len(points)
             preview_path = self.host.manager.latest_preview(job.id)
             preview_key = str(preview_path) if preview_path else ""
             if sent.get("preview", None) != preview_key:
@@ -198,48 +306,51 @@ class TrainingTab:
             text = self.host.manager.log_tail(job.id, 80)
             if sent.get("log") != text:
                 log_text, sent["log"] = text, text
+        followed = followed or {}
+        target = by_id.get(followed.get("job") or "")
+        if target is not None and target.state.value != followed.get("state"):
+            status = status_line_html(target)
         actions = set(job.actions) if job else set()
         buttons = [gr.update(interactive=action in actions) for action in
                    (JobAction.STOP, JobAction.CANCEL, JobAction.RESUME, JobAction.DELETE)]
         return (selected, sent, render_jobs_html(jobs, selected), render_detail_html(job), loss, preview, log_text,
-                *buttons)
+                status, *buttons)
 
-    def act(self, action: str, selected: str | None, confirmed: Any = True) -> str:
-        """Run a job action on the selected job; returns the message html."""
+    def act(self, action: str, selected: str | None, confirmed: Any = True,
+            followed: dict | None = None) -> tuple[str, dict]:
+        """Run a job action on the selected job; returns (the status line html, the job and state the line
+        describes, for `poll` to move the line on with the job)."""
+        followed = dict(followed or {})
         if not selected:
-            return '<div class="gcfg-train-problems">Select a job first.</div>'
+            return '<div class="gcfg-train-problems">Select a job first.</div>', followed
         if confirmed is False:
-            return ""
+            return "", followed
         manager = self.host.manager
+        name = f"<b>{html.escape(selected)}</b>"
         try:
             if action == JobAction.STOP.value:
-                manager.stop(selected)
-                text = f"Stopping <b>{html.escape(selected)}</b>: it saves a checkpoint after this step."
+                info = manager.stop(selected)
+                text = f"Stopping {name}: it saves a checkpoint after this step."
             elif action == JobAction.CANCEL.value:
-                manager.cancel(selected)
-                text = f"Cancelled <b>{html.escape(selected)}</b>."
+                info = manager.cancel(selected)
+                text = f"Cancelled {name}."
             elif action == JobAction.RESUME.value:
-                manager.resume(selected)
-                text = f"<b>{html.escape(selected)}</b> is queued to resume."
+                info = manager.resume(selected)
+                text = f"{name} is queued to resume."
             elif action == JobAction.DELETE.value:
                 manager.delete(selected)
-                text = f"Deleted <b>{html.escape(selected)}</b>."
+                return f'<div class="gcfg-train-ok">Deleted {name}.</div>', {}
             else:
                 raise JobError("action", f"unknown action {action!r}")
         except JobError as e:
-            return f'<div class="gcfg-train-problems">{html.escape(str(e))}</div>'
-        return f'<div class="gcfg-train-ok">{text}</div>'
+            return f'<div class="gcfg-train-problems">{html.escape(str(e))}</div>', followed
+        followed = {"job": info.id, "state": info.state.value}
+        return f'<div class="gcfg-train-ok" data-state="{html.escape(info.state.value)}">{text}</div>', followed
 
 
-def _png_image(data: bytes):
-    from PIL import Image
-
-    return Image.open(io.BytesIO(data)).convert("RGB")
-
-
-def _widget(gr, spec: FieldSpec):
+def _widget(gr, spec: FieldSpec, defaults: Mapping[str, Any]):
     label, info = field_label(spec.name), spec.help
-    value = widget_value(spec)
+    value = widget_value(spec, defaults)
     elem_id = f"gcfg_train_{spec.name}"
     if spec.choices:
         return gr.Dropdown(choices=list(spec.choices), value=value, label=label, info=info, elem_id=elem_id)
@@ -251,7 +362,15 @@ def _widget(gr, spec: FieldSpec):
         return gr.Number(value=value, label=label, info=info, elem_id=elem_id)
     if spec.name == "preview_prompts":
         return gr.Textbox(value=value, label=label, info=info + " One per line.", lines=3, elem_id=elem_id)
-    return gr.Textbox(value=value, label=label, info=info, elem_id=elem_id)
+    # One line: gradio 3 renders an <input> (not a resizable text area) only with lines == max_lines == 1.
+    return gr.Textbox(value=value, label=label, info=info, lines=1, max_lines=1, elem_id=elem_id)
+
+
+def dataset_info(host: TrainingHost, help_text: str) -> str:
+    roots = host.policy.dataset_roots
+    where = f"Put each dataset in its own folder in {roots[0]}" if roots else "No dataset folder is configured"
+    more = f" (also allowed: {', '.join(roots[1:])})" if len(roots) > 1 else ""
+    return f"{help_text} {where}{more}; more folders: environment variable GCFG_DATASET_ROOTS."
 
 
 def build(host: TrainingHost):
@@ -264,10 +383,14 @@ def build(host: TrainingHost):
         with gr.Row(elem_id="gcfg_train_main"):
             with gr.Column(scale=2, elem_id="gcfg_train_form"):
                 gr.HTML('<h3 class="gcfg-train-title">New concept UNet</h3>')
-                name = gr.Textbox(label=field_label("name"), info=specs["name"].help, elem_id="gcfg_train_name")
-                dataset_dir = gr.Textbox(label=field_label("dataset_dir"),
-                                         info=specs["dataset_dir"].help + " Allowed under: "
-                                         + ", ".join(host.policy.dataset_roots),
+                if tab.on_cpu:
+                    gr.HTML(cpu_warning_html(), elem_id="gcfg_train_cpu_warning")
+                name = gr.Textbox(label=field_label("name"), info=specs["name"].help, lines=1, max_lines=1,
+                                  elem_id="gcfg_train_name")
+                roots = host.policy.dataset_roots
+                dataset_dir = gr.Textbox(label=field_label("dataset_dir"), lines=1, max_lines=1,
+                                         info=dataset_info(host, specs["dataset_dir"].help),
+                                         placeholder=os.path.join(roots[0], "my-concept") if roots else "",
                                          elem_id="gcfg_train_dataset_dir")
                 with gr.Row():
                     titles = host.checkpoint_titles()
@@ -276,7 +399,7 @@ def build(host: TrainingHost):
                     refresh_checkpoints = gr.Button("🔄", elem_id="gcfg_train_refresh_checkpoints",
                                                     elem_classes=["gcfg-tool"])
                 with gr.Row():
-                    devices = host.devices()
+                    devices = device_choices(host.devices(), host.auto_device)
                     device = gr.Dropdown(choices=devices, value=devices[0], label=field_label("device"),
                                          info=specs["device"].help, elem_id="gcfg_train_device")
                     unload = gr.Checkbox(value=False, label="Unload the WebUI's model while training",
@@ -285,9 +408,9 @@ def build(host: TrainingHost):
                 main_widgets = []
                 for pair in range(0, len(tab.main_fields), 2):  # two per row: the form stays one screen high
                     with gr.Row():
-                        main_widgets += [_widget(gr, spec) for spec in tab.main_fields[pair:pair + 2]]
+                        main_widgets += [_widget(gr, spec, tab.defaults) for spec in tab.main_fields[pair:pair + 2]]
                 with gr.Accordion("Advanced", open=False, elem_id="gcfg_train_advanced"):
-                    advanced_widgets = [_widget(gr, spec) for spec in tab.advanced_fields]
+                    advanced_widgets = [_widget(gr, spec, tab.defaults) for spec in tab.advanced_fields]
                 start = gr.Button("Start training", variant="primary", elem_id="gcfg_train_start")
                 form_message = gr.HTML(elem_id="gcfg_train_form_message")
             with gr.Column(scale=3, elem_id="gcfg_train_live"):
@@ -299,28 +422,32 @@ def build(host: TrainingHost):
                     delete = gr.Button("Delete", variant="stop", elem_id="gcfg_train_delete", interactive=False)
                 action_message = gr.HTML(elem_id="gcfg_train_action_message")
                 detail = gr.HTML(render_detail_html(None), elem_id="gcfg_train_detail")
-                with gr.Row():
-                    loss = gr.Image(label="Loss", interactive=False, elem_id="gcfg_train_loss", height=300)
-                    preview = gr.Image(label="Latest preview", interactive=False, elem_id="gcfg_train_preview",
-                                       height=300)
+                loss = gr.LinePlot(x="step", y="loss", show_label=True, elem_id="gcfg_train_loss",
+                                   label="Loss (drag to pan, scroll to zoom, double-click to reset)")
+                preview = gr.Image(label="Latest preview", interactive=False, elem_id="gcfg_train_preview",
+                                   height=320)
                 log_box = gr.Textbox(label="Log", lines=12, max_lines=12, interactive=False,
                                      elem_id="gcfg_train_log")
         selected = gr.Textbox(visible=False, elem_id="gcfg_train_selected")
         sent = gr.State({})
+        followed = gr.State({})  # the job of the last action and its state then; written by the actions only
         poll = gr.Button(visible=False, elem_id=POLL_BUTTON_ID)
 
-        poll_outputs = [selected, sent, jobs_html, detail, loss, preview, log_box, stop, cancel, resume, delete]
-        poll.click(fn=tab.poll, _js="gcfgTrainPollArgs", inputs=[selected, sent], outputs=poll_outputs,
+        poll_outputs = [selected, sent, jobs_html, detail, loss, preview, log_box, action_message,
+                        stop, cancel, resume, delete]
+        poll.click(fn=tab.poll, _js="gcfgTrainPollArgs", inputs=[selected, sent, followed], outputs=poll_outputs,
                    show_progress="hidden", queue=False)
         refresh_checkpoints.click(fn=lambda: gr.update(choices=host.checkpoint_titles()), inputs=[], outputs=[base],
                                   show_progress="hidden", queue=False)
         start.click(fn=tab.create, inputs=[name, dataset_dir, base, device, unload, *main_widgets, *advanced_widgets],
                     outputs=[form_message, selected], queue=False).then(
-            fn=tab.poll, inputs=[selected, sent], outputs=poll_outputs, show_progress="hidden", queue=False)
+            fn=tab.poll, inputs=[selected, sent, followed], outputs=poll_outputs, show_progress="hidden", queue=False)
         for button, action in ((stop, "stop"), (cancel, "cancel"), (resume, "resume"), (delete, "delete")):
             confirmed = gr.Checkbox(visible=False, value=True)
-            button.click(fn=lambda sel, ok, action=action: tab.act(action, sel, ok),
-                         _js=f"(sel, ok) => gcfgTrainConfirm({action!r}, sel)", inputs=[selected, confirmed],
-                         outputs=[action_message], queue=False).then(
-                fn=tab.poll, inputs=[selected, sent], outputs=poll_outputs, show_progress="hidden", queue=False)
+            button.click(fn=lambda sel, ok, fol, action=action: tab.act(action, sel, ok, fol),
+                         _js=f"(sel, ok, fol) => gcfgTrainConfirm({action!r}, sel, fol)",
+                         inputs=[selected, confirmed, followed], outputs=[action_message, followed],
+                         queue=False).then(
+                fn=tab.poll, inputs=[selected, sent, followed], outputs=poll_outputs, show_progress="hidden",
+                queue=False)
     return blocks

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 
-from gcfg_core.params import PARAMS_BY_NAME
-from gcfg_webui.session import OVERRIDES_ATTRIBUTE
+from gcfg_core.params import PARAMS, ParamKind
+from gcfg_webui.generation import OVERRIDES_ATTRIBUTE
 
 logger = logging.getLogger("gcfg.xyz")
 
 AXIS_PREFIX = "[GCFG] "
-AXES = ("concept_weight", "negative_scale", "prior", "terms")
+AXES = tuple(param.name for param in PARAMS if param.xyz_axis)
 
 
 def _apply(name: str):
@@ -27,10 +27,9 @@ def _apply(name: str):
 
 
 def axis_specs(prior_choices):
-    """(label, type, apply, choices) for each axis; choices only for the prior."""
-    types = {"concept_weight": float, "negative_scale": str, "prior": str, "terms": str}
-    return [(AXIS_PREFIX + PARAMS_BY_NAME[name].label, types[name], _apply(name),
-             prior_choices if name == "prior" else None) for name in AXES]
+    """(label, type, apply, choices) for each axis, labelled as in the accordion; choices for the prior."""
+    return [(AXIS_PREFIX + param.label, float if param.kind is ParamKind.NUMBER else str, _apply(param.name),
+             prior_choices if param.name == "prior" else None) for param in PARAMS if param.xyz_axis]
 
 
 def add_axes(xyz_module, prior_choices) -> int:

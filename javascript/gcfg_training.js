@@ -32,7 +32,7 @@
     }
 
     // Called by gradio before every poll: a clicked or remembered job replaces the selection the page holds.
-    window.gcfgTrainPollArgs = function(selected, sent) {
+    window.gcfgTrainPollArgs = function(selected, sent, followed) {
         let choice = pendingSelection;
         pendingSelection = null;
         if (choice === null && !selected) {
@@ -44,13 +44,13 @@
         if (selected && window.localStorage) {
             localStorage.setItem(STORAGE_KEY, selected);
         }
-        return [selected, sent];
+        return [selected, sent, followed];
     };
 
-    // Called by gradio before an action: [selected job, confirmed]; cancel and delete ask first.
-    window.gcfgTrainConfirm = function(action, selected) {
+    // Called by gradio before an action: [selected job, confirmed, followed job]; cancel and delete ask first.
+    window.gcfgTrainConfirm = function(action, selected, followed) {
         if (!selected) {
-            return [selected, false];
+            return [selected, false, followed];
         }
         const questions = {
             cancel: `Cancel training job "${selected}"? It ends at once without saving a checkpoint and cannot be resumed.`,
@@ -58,7 +58,7 @@
                 "A published concept model is kept.",
         };
         const question = questions[action];
-        return [selected, question === undefined ? true : window.confirm(question)];
+        return [selected, question === undefined ? true : window.confirm(question), followed];
     };
 
     function formatAge(iso) {

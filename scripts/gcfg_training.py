@@ -2,8 +2,9 @@
 trainer.jobs. Executed by the WebUI with the extension root on `sys.path`, on every start and UI reload.
 
 Jobs live in `<models>/GCFG-training/<name>/`; a finished or stopped job's concept model is copied to `<models>/GCFG/`
-(the GCFG accordion's list). Datasets must lie under the WebUI's data folder or a folder listed in the environment
-variable GCFG_DATASET_ROOTS (separated by os.pathsep).
+(the GCFG accordion's list). Datasets must lie in the dedicated folder `<data dir>/GCFG-datasets/` (created at start,
+named in the tab) or in a folder listed in the environment variable GCFG_DATASET_ROOTS (separated by os.pathsep):
+never anywhere else in the WebUI's tree, whose models and outputs a request must not reach.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from modules import paths, script_callbacks, sd_models, shared
 
-from gcfg_webui import jobs_api, training_tab
-from gcfg_webui.extra_models import concept_dir
+from gcfg_webui import access, jobs_api, training_tab
+from gcfg_webui.model_files import concept_dir
 from trainer.jobfolder import ACTIVE_STATES
 from trainer.jobs import JobInfo, JobManager, LaunchSpec, PathPolicy
 
@@ -24,6 +25,7 @@ logger = logging.getLogger("gcfg.training")
 
 EXTENSION_ROOT = str(Path(__file__).resolve().parents[1])
 JOBS_DIR_NAME = "GCFG-training"
+DATASETS_DIR_NAME = "GCFG-datasets"
 
 
 def _devices() -> list[str]:
@@ -57,9 +59,16 @@ def _reload_webui_model(info: JobInfo) -> None:
         logger.info("GCFG: moved the WebUI's model back to %s", shared.device)
 
 
+def dataset_roots(data_path: str, environ: dict | os._Environ = os.environ) -> tuple[str, ...]:
+    """The folders datasets may come from: the dedicated one (created here) first, then GCFG_DATASET_ROOTS."""
+    dedicated = os.path.join(data_path, DATASETS_DIR_NAME)
+    os.makedirs(dedicated, exist_ok=True)
+    extra = [p for p in environ.get("GCFG_DATASET_ROOTS", "").split(os.pathsep) if p.strip()]
+    return tuple(dict.fromkeys(os.path.realpath(os.path.expanduser(p.strip())) for p in [dedicated, *extra]))
+
+
 def _make_host() -> jobs_api.TrainingHost:
     data_path = getattr(paths, "data_path", os.path.dirname(paths.models_path))
-    roots = [data_path, *filter(None, os.environ.get("GCFG_DATASET_ROOTS", "").split(os.pathsep))]
     # The trainer runs on the WebUI's Python, with this extension first on the path (PyPI has another `trainer`),
     # then everything the WebUI put there (the ldm and k-diffusion repositories).
     python_path = (EXTENSION_ROOT, *(p for p in sys.path if p and os.path.isdir(p) and p != EXTENSION_ROOT))
@@ -68,9 +77,10 @@ def _make_host() -> jobs_api.TrainingHost:
                          launch=LaunchSpec(python=sys.executable, pythonpath=python_path),
                          default_device=default_device, publish_dir=concept_dir(),
                          on_start=_unload_webui_model, on_finish=_reload_webui_model)
-    return jobs_api.TrainingHost(manager=manager, policy=PathPolicy(tuple(os.path.realpath(r) for r in roots)),
+    return jobs_api.TrainingHost(manager=manager, policy=PathPolicy(dataset_roots(data_path)),
                                  checkpoint_titles=lambda: list(sd_models.checkpoint_tiles()),
-                                 resolve_checkpoint=_resolve_checkpoint, devices=_devices)
+                                 resolve_checkpoint=_resolve_checkpoint, devices=_devices,
+                                 auto_device=default_device)
 
 
 def _host() -> jobs_api.TrainingHost:
@@ -87,7 +97,7 @@ def _on_ui_tabs():
 
 
 def _on_app_started(demo, app) -> None:
-    jobs_api.add_job_routes(app, getattr(shared.cmd_opts, "api_auth", None), _host)
+    jobs_api.add_job_routes(app, access.AccessPolicy.from_cmd_opts(shared.cmd_opts), _host)
 
 
 script_callbacks.on_ui_tabs(_on_ui_tabs)

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: tiny random-weight SD 1.x models and a checkpoint file; no downloads."""
+"""Shared pytest fixtures: tiny random-weight SD 1.x and SDXL models and checkpoint files; no downloads."""
 
 from __future__ import annotations
 
@@ -37,4 +37,22 @@ def tiny_checkpoint(tiny_model: SDModel, tmp_path_factory: pytest.TempPathFactor
     """`tiny_model` saved as an ldm-layout `.safetensors` checkpoint."""
     path = tmp_path_factory.mktemp("checkpoints") / "tiny-sd1.safetensors"
     save_sd_checkpoint(tiny_model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    """Random SDXL_TINY model, seed 0 (SDXL key names and block structure, tiny widths). Do not mutate it."""
+    from gcfg_core.sdxl import random_sdxl_model
+
+    return random_sdxl_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_checkpoint(tiny_sdxl, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_sdxl` saved as an sgm-layout `.safetensors` checkpoint."""
+    from gcfg_core.sdxl import save_sdxl_checkpoint
+
+    path = tmp_path_factory.mktemp("checkpoints") / "tiny-sdxl.safetensors"
+    save_sdxl_checkpoint(tiny_sdxl, path)
     return path

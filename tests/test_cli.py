@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from waiting import BACKSTOP_S
 
 from gcfg_core.cli import main
 from gcfg_core.nulltext import convert_to_nulltext, transformer_block_names
@@ -63,7 +65,7 @@ def test_classic_negative_makes_the_prior_irrelevant(tiny_model, tiny_prior):
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"width": 72}, "width 72 is not a multiple of 64"),
+    ({"width": 100}, "width 100 is not a multiple of 8"),
     ({"sampler": "Euler b"}, "unknown sampler 'Euler b'"),
     ({"gcfg": GCFGSettings(enabled=True, terms="+1 @concept")}, "uses model 'concept', which is not loaded"),
     ({"gcfg": GCFGSettings(enabled=True, terms="+1 @sdxl.safetensors x")}, "uses model 'sdxl.safetensors'"),
@@ -87,7 +89,7 @@ def test_concept_term_with_a_prompt_is_refused(tiny_prior, concept_unet):
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "gcfg_core", "sample", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=BACKSTOP_S)
 
 
 @pytest.mark.slow
@@ -112,7 +114,7 @@ def test_cli_demo_end_to_end(tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["--prior", "missing.safetensors"], "error: --prior: file not found: missing.safetensors"),
     (["--demo", "--term", "3 cats"], "error: --term #1 '3 cats': column 1: expected a signed weight"),
-    (["--demo", "--width", "100"], "error: width 100 is not a multiple of 64"),
+    (["--demo", "--width", "100"], "error: --width 100 is not a multiple of 8"),
     ([], "error: --prior PATH is required"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(args, message, capsys, tmp_path, monkeypatch):
@@ -177,3 +179,138 @@ def test_random_checkpoint_writes_a_loadable_sd1_file(tmp_path, capsys):
     assert main(["random-checkpoint", str(tmp_path / "base.ckpt")]) == 2
     error = capsys.readouterr().err
     assert error == f"error: {tmp_path / 'base.ckpt'}: the output file name must end in .safetensors\n"
+
+
+# --- sizes as the WebUI accepts them (multiples of 8)
+
+
+class _WebUIStyleTorch:
+    """torch, but `cat` of two maps of different sizes first resizes the first to the second (nearest): the way
+    the WebUI lets ldm's UNet take sides in multiples of 8 (it swaps the `th` module of openaimodel)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def cat(tensors, *args, **kwargs):
+        if len(tensors) == 2 and tensors[0].shape[-2:] != tensors[1].shape[-2:]:
+            tensors = (torch.nn.functional.interpolate(tensors[0], tensors[1].shape[-2:], mode="nearest"), tensors[1])
+        return torch.cat(tensors, *args, **kwargs)
+
+
+@pytest.mark.parametrize("latent", [(9, 9), (9, 10), (8, 8), (16, 8)])
+def test_unet_runs_at_sides_off_the_64_px_grid_as_in_the_webui(tiny_model, latent, monkeypatch):
+    from ldm.modules.diffusionmodules import openaimodel
+
+    from gcfg_core.denoiser import unet_forward_any_size, unet_size_multiple
+
+    unet = tiny_model.unet.eval()
+    assert unet_size_multiple(unet) == 8  # 3 downsamplings: 64-px images
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, *latent, generator=generator)
+    context = torch.randn(2, 77, 32, generator=generator)
+    t = torch.tensor([10.0, 500.0])
+    with torch.no_grad():
+        ours = unet_forward_any_size(unet, x, t, context)
+        monkeypatch.setattr(openaimodel, "th", _WebUIStyleTorch())
+        webui = unet(x, t, context=context)
+    assert ours.shape == x.shape
+    torch.testing.assert_close(ours, webui, rtol=0, atol=0)
+
+
+def test_sample_accepts_sizes_in_multiples_of_8(tmp_path, capsys):
+    assert main(["sample", "--demo", "--width", "72", "--height", "80", "--steps", "2", "--seed", "3",
+                 "--no-progress", "--out", str(tmp_path)]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert Image.open(path).size == (72, 80)
+    assert parse_parameters(read_png_parameters(path))[2]["Size-1"] == "72"
+
+
+# --- every value and path checked before a model loads, named by its flag
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--cfg-scale", "nan"], "error: --cfg-scale must be a finite number, got nan"),
+    (["--concept-weight", "nan"], "error: --concept-weight: expected a finite number, got nan"),
+    (["--negative-scale", "inf"], "error: --negative-scale: expected a finite number, got inf"),
+    (["--steps", "0"], "error: --steps must be an integer ≥ 1, got 0"),
+    (["--width", "70"], "error: --width 70 is not a multiple of 8"),
+    (["--sampler", "Euler b"], "error: --sampler: unknown sampler 'Euler b'"),
+    (["--out", "{file}/out"], "error: --out '{file}/out': cannot write there (Not a directory)"),
+    (["--out", "{file}"], "error: --out '{file}': cannot write there"),
+])
+def test_values_and_the_output_folder_are_checked_before_any_model_loads(args, message, tmp_path, tiny_checkpoint,
+                                                                        capsys, monkeypatch):
+    import gcfg_core.models
+
+    monkeypatch.setattr(gcfg_core.models, "load_sd_checkpoint", lambda *a, **k: pytest.fail("a model was loaded"))
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    args = [a.replace("{file}", str(a_file)) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "o")]
+    assert main(["sample", "--prior", str(tiny_checkpoint), *args, *out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message.replace("{file}", str(a_file))) and err.count("\n") == 1, err
+
+
+# --- infotext: the rule's keys only, and a concept name that says which model
+
+
+def test_sampler_infotext_has_only_changed_keys_and_names_the_concept(tmp_path, tiny_checkpoint, concept_unet, capsys):
+    from gcfg_core.concept_file import ConceptMetadata, save_concept_model
+
+    concept = tmp_path / "job" / "checkpoints" / "step-000020" / "concept.safetensors"
+    concept.parent.mkdir(parents=True)
+    save_concept_model(concept, concept_unet, ConceptMetadata(train_config={"name": "faces"}, steps=20))
+    assert main(["sample", "--prior", str(tiny_checkpoint), "--concept", str(concept), "--prompt", "a cat",
+                 "--width", "64", "--height", "64", "--steps", "1", "--seed", "1", "--no-progress",
+                 "--out", str(tmp_path / "out")]) == 0
+    text = read_png_parameters(Path(capsys.readouterr().out.strip()))
+    _prompt, _negative, params = parse_parameters(text)
+    gcfg = {key: value for key, value in params.items() if key.startswith("GCFG")}
+    # prior = the main model (no key), default weight, classic negative scale and no terms: nothing but these two
+    assert gcfg == {"GCFG": "True", "GCFG concept": "faces step 20"}
+    assert GCFGSettings.from_infotext(params) == GCFGSettings(enabled=True, concept="faces step 20")
+
+
+def test_concept_label_identifies_the_model(tmp_path, concept_unet):
+    from gcfg_core.checkpoint import file_sha256
+    from gcfg_core.concept_file import ConceptMetadata, concept_label, save_concept_model
+
+    published = tmp_path / "faces.safetensors"
+    save_concept_model(published, concept_unet, ConceptMetadata(train_config={"name": "faces"}, steps=7))
+    assert concept_label(published, ConceptMetadata(train_config={"name": "faces"}, steps=7)) == "faces.safetensors"
+    anonymous = tmp_path / "step-000007" / "concept.safetensors"
+    anonymous.parent.mkdir()
+    save_concept_model(anonymous, concept_unet, ConceptMetadata(steps=7))
+    assert concept_label(anonymous, ConceptMetadata(steps=7)) == f"concept [{file_sha256(anonymous)[:10]}]"
+
+
+# --- the ldm code's build messages only with --verbose
+
+
+def test_ldm_build_messages_only_with_verbose(tmp_path, capsys):
+    assert main(["sample", "--demo", "--steps", "1", "--no-progress", "--out", str(tmp_path / "a")]) == 0
+    quiet = capsys.readouterr()
+    assert "making attention of type" not in quiet.err + quiet.out and "Working with z of shape" not in quiet.err
+    assert quiet.out.strip().endswith(".png")
+    assert main(["sample", "--demo", "--steps", "1", "--no-progress", "-v", "--out", str(tmp_path / "b")]) == 0
+    verbose = capsys.readouterr()
+    assert "making attention of type 'vanilla'" in verbose.err and verbose.out.strip().endswith(".png")
+
+
+def test_chatter_filter_drops_whole_known_lines_only():
+    import io
+
+    from gcfg_core.console import ChatterFilter
+
+    target = io.StringIO()
+    stream = ChatterFilter(target)
+    for piece in ("No module 'xformers'. Proceeding without it.", "\n", "making attention of type 'vanilla' with 32 "
+                  "in_channels\nWorking with z of shape (1, 4, 32, 32) = 4096 dimensions.\nwrote out/0.png\n",
+                  "Setting up MemoryEfficientCrossAttention. Query dim is 320, context_dim is None and using 5 "
+                  "heads.\n",
+                  "note: making attention of type 'vanilla' is fine\n", "no newline"):
+        stream.write(piece)
+    stream.flush()
+    assert target.getvalue() == "wrote out/0.png\nnote: making attention of type 'vanilla' is fine\nno newline"

@@ -6,12 +6,14 @@ import pytest
 import torch
 from torch import nn
 
+from gcfg_core.coefficients import GuidanceWeights
 from gcfg_core.configs import TINY, sd1_alphas_cumprod
 from gcfg_core.denoiser import GCFGDenoiser, Prediction, UNetDenoiser, step_index
 from gcfg_core.guidance import combine
 from gcfg_core.kdiff import k_diffusion_modules
 from gcfg_core.models import build_unet, dezero_
-from gcfg_core.terms import GuidancePlan, GuidanceTerm, StepWindow, standard_plan
+from gcfg_core.plan import GuidancePlan, classic_plan, standard_plan
+from gcfg_core.terms import GuidanceTerm, StepWindow
 
 CONTEXT_DIM = TINY.unet.context_dim
 AC = sd1_alphas_cumprod()
@@ -68,7 +70,7 @@ SIGMAS = UNetDenoiser(nn.Identity(), AC).get_sigmas(10)
 def test_one_main_term_is_classic_cfg_bit_for_bit(unets):
     main = UNetDenoiser(unets["main"], AC)
     conds = contexts("", "a cat")
-    plan = GuidancePlan("main", (GuidanceTerm("main", "a cat", 7.5),))
+    plan = classic_plan(7.5, "a cat")
     x, sigma = sample_x()
     result = GCFGDenoiser({"main": main}, plan, conds, SIGMAS)(x, sigma)
     # Classic CFG the WebUI way: one batched call, uncond + s·(cond − uncond). Same rows, same ops → equal.
@@ -113,8 +115,7 @@ def test_x0_space_and_eps_space_combination_agree():
     models = {"prior": UNetDenoiser(ToyEps(0.3), AC), "main": UNetDenoiser(ToyEps(-0.2), AC),
               "concept": UNetDenoiser(ToyEps(0.7), AC)}
     conds = {k: v.double() for k, v in contexts("", "a", "b").items()}
-    plan = GuidancePlan("prior", (GuidanceTerm("main", "a", 6.0), GuidanceTerm("main", "b", -2.0),
-                                  GuidanceTerm("concept", None, 2.5)))
+    plan = standard_plan(6.0, "a", extra_terms=[GuidanceTerm("main", "b", -2.0), GuidanceTerm("concept", None, 2.5)])
     x, sigma = sample_x(dtype=torch.float64, sigma=5.0)
     x0 = GCFGDenoiser(models, plan, conds, SIGMAS)(x, sigma)
     t = models["prior"].schedule.sigma_to_t(sigma.float()).double()
@@ -136,7 +137,7 @@ def test_zero_weight_term_is_a_no_op_and_its_model_is_not_called(unets):
     conds = contexts("", "a cat")
     x, sigma = sample_x()
     base = standard_plan(7.0, "a cat")
-    with_zero = GuidancePlan("prior", (*base.terms, GuidanceTerm("concept", None, 0.0)))
+    with_zero = standard_plan(7.0, "a cat", extra_terms=[GuidanceTerm("concept", None, 0.0)])
     models = {"prior": prior, "main": main, "concept": concept}
     assert torch.equal(GCFGDenoiser(models, with_zero, conds, SIGMAS)(x, sigma),
                        GCFGDenoiser(models, base, conds, SIGMAS)(x, sigma))
@@ -193,7 +194,7 @@ def test_images_in_a_batch_are_independent(unets):
 def test_prompts_of_different_token_lengths_go_to_separate_calls(unets):
     main = Counting(UNetDenoiser(unets["main"], AC))
     conds = {**contexts("", "short"), **contexts("long", tokens=154, seed=1)}
-    plan = GuidancePlan("main", (GuidanceTerm("main", "short", 3.0), GuidanceTerm("main", "long", 2.0)))
+    plan = GuidancePlan(GuidanceWeights(3.0, terms=(GuidanceTerm("main", "long", 2.0),)), "short", uncond_model="main")
     x, sigma = sample_x(batch=1)
     result = GCFGDenoiser({"main": main}, plan, conds, SIGMAS)(x, sigma)
     assert sorted(main.rows) == [1, 2]
@@ -214,8 +215,7 @@ def test_step_index_follows_sigma_not_call_count():
 def test_windowed_term_switches_exactly_at_the_documented_step():
     models = {"prior": UNetDenoiser(ToyEps(0.1), AC), "main": UNetDenoiser(ToyEps(0.2), AC),
               "concept": Counting(UNetDenoiser(ToyEps(0.3), AC))}
-    plan = GuidancePlan("prior", (GuidanceTerm("main", "a", 4.0), GuidanceTerm("concept", None, 2.0,
-                                                                                StepWindow(0.0, 0.5))))
+    plan = standard_plan(4.0, "a", extra_terms=[GuidanceTerm("concept", None, 2.0, StepWindow(0.0, 0.5))])
     denoiser = GCFGDenoiser(models, plan, contexts("", "a"), SIGMAS)
     active = []
     for i in range(10):

@@ -44,3 +44,10 @@ def test_missing_packages_are_installed_pinned_one_by_one(install_module, fake_l
 
 def test_every_requirement_is_pinned(install_module):
     assert all("==" in requirement.pip_args for requirement in install_module.REQUIRED)
+
+
+def test_the_torch_floor_is_the_webui_1_10_1_one(install_module):
+    assert install_module.OLDEST_TORCH == (2, 1, 2)
+    older = install_module.torch_older_than_supported
+    assert older("2.0.1+cu118") and older("2.1.1") and older("1.13.1")
+    assert not older("2.1.2+cu121") and not older("2.1.2") and not older("2.13.0+cpu") and not older("nightly")

@@ -145,3 +145,42 @@ def test_atomic_writes_leave_an_ordinary_readable_file(tmp_path):
     target = tmp_path / "status.json"
     atomic_write_bytes(target, b"{}")
     assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_loss_plot_themes_and_legible_text():
+    import io
+
+    from PIL import Image
+
+    from trainer.jobfolder import render_loss_plot
+
+    events = [{"step": i, "loss": 1.0 / i} for i in range(1, 200)]
+    light = Image.open(io.BytesIO(render_loss_plot(events, width=800, height=360))).convert("L")
+    dark = Image.open(io.BytesIO(render_loss_plot(events, width=800, height=360, theme="dark"))).convert("L")
+    assert light.getpixel((2, 2)) > 240 and dark.getpixel((2, 2)) < 40
+    # text rows: the title's glyphs are at least 10 px tall at 800 px wide (legible where the image is shown 1:1)
+    title = light.crop((70, 0, 200, 38))
+    rows = [y for y in range(title.height) if min(title.getpixel((x, y)) for x in range(title.width)) < 128]
+    assert rows and rows[-1] - rows[0] + 1 >= 10
+    with pytest.raises(ValueError, match="theme='sepia'"):
+        render_loss_plot(events, theme="sepia")
+
+
+def test_without_a_sized_default_font_the_plot_uses_a_bundled_truetype_font(monkeypatch):
+    """Pillow 9.5 (the WebUI 1.10.1 pin) has no `load_default(size=)`: the labels must not shrink to the bitmap font."""
+    from PIL import ImageFont
+
+    from trainer import jobfolder
+
+    real = ImageFont.load_default
+
+    def old_pillow(*args, **kwargs):
+        if args or kwargs:
+            raise TypeError("load_default() got an unexpected keyword argument 'size'")
+        return real()
+
+    monkeypatch.setattr(ImageFont, "load_default", old_pillow)
+    font = jobfolder._font(28)
+    if jobfolder._bundled_ttf() is None:
+        pytest.skip("matplotlib is not installed here")
+    assert isinstance(font, ImageFont.FreeTypeFont) and font.size == 28

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import base64
-import time
+import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
+from gcfg_webui.access import AccessPolicy  # noqa: E402
 from gcfg_webui.jobs_api import PREFIX, TrainingHost, add_job_routes, config_error_problems  # noqa: E402
 from trainer.config import ConfigError  # noqa: E402
 from trainer.jobs import JobManager, LaunchSpec, PathPolicy  # noqa: E402
@@ -44,7 +48,7 @@ def host(tmp_path):
 
 def make_client(host: TrainingHost, api_auth: str | None = None) -> TestClient:
     app = FastAPI()
-    add_job_routes(app, api_auth, host)
+    add_job_routes(app, AccessPolicy.from_cmd_opts(SimpleNamespace(api=True, api_auth=api_auth), environ={}), host)
     return TestClient(app)
 
 
@@ -56,16 +60,17 @@ def body(host: TrainingHost, **overrides) -> dict:
     return values
 
 
-def wait_state(client: TestClient, job_id: str, states: set[str], timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
+def wait_state(client: TestClient, job_id: str, states: set[str]) -> dict:
+    def seen() -> dict | None:
         client.app.state  # noqa: B018 - keep the client alive
         info = client.get(f"{PREFIX}/{job_id}").json()
         if info["state"] in states:
             return info
-        assert time.monotonic() < deadline, info
-        time.sleep(0.05)
         _tick(client)
+        return None
+
+    return wait_until(seen, f"job {job_id!r} in {sorted(states)}",
+                      describe=lambda: str(client.get(f"{PREFIX}/{job_id}").json()))
 
 
 def _tick(client: TestClient) -> None:
@@ -112,6 +117,9 @@ def test_create_list_get_stop_resume_cancel_delete(client, host):
     assert stopped["actions"] == ["resume", "delete"]
     assert client.get(f"{PREFIX}/My_faces/loss").json()["points"][0] == {"step": 1, "loss": 1.0}
     assert client.get(f"{PREFIX}/My_faces/loss.png").content.startswith(b"\x89PNG")
+    dark = client.get(f"{PREFIX}/My_faces/loss.png", params={"theme": "dark"}).content
+    assert Image.open(io.BytesIO(dark)).convert("L").getpixel((1, 1)) < 40
+    assert client.get(f"{PREFIX}/My_faces/loss.png", params={"theme": "sepia"}).status_code == 422
     assert client.get(f"{PREFIX}/My_faces/preview.png").status_code == 404
     assert client.get(f"{PREFIX}/My_faces/log", params={"lines": 5}).status_code == 200
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from waiting import BACKSTOP_S
+
+from gcfg_core.console import is_chatter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +52,9 @@ def test_readme_block_is_the_tested_one():
     if not trainer_blocks:
         pytest.skip("README.md has no trainer quick start yet")
     assert NEWCOMER_COMMANDS in trainer_blocks
+    # its timings say how loaded the (shared) machine was when they were taken
+    after_block = readme.split(NEWCOMER_COMMANDS, 1)[1].split("| **total** |", 1)[0]
+    assert "load average" in after_block and "`uptime`" in after_block
 
 
 @pytest.mark.slow
@@ -57,18 +63,23 @@ def test_newcomer_sequence_trains_and_samples_a_tiny_concept_model(tmp_path):
     assert all(c[:2] == [".venv/bin/python", "-m"] for c in commands)
     assert [tuple(c[2:4]) for c in commands] == [("gcfg_core", "random-checkpoint"), ("trainer", "demo-data"),
                                                  ("trainer", "train"), ("trainer", "status"), ("gcfg_core", "sample")]
-    outputs = []
+    outputs, errors = [], []
     for argv in commands:
         run = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                             timeout=120)
+                             timeout=BACKSTOP_S)
         assert run.returncode == 0, f"{shlex.join(argv)}\n{run.stderr[-3000:]}"
         outputs.append(run.stdout)
+        errors.append(run.stderr)
+        # no build messages of the ldm code (only with --verbose)
+        assert not [line for line in (run.stdout + run.stderr).splitlines() if is_chatter(line)], shlex.join(argv)
 
     root = tmp_path / "outputs" / "try"
     assert outputs[0].strip() == "outputs/try/base.safetensors" and (root / "base.safetensors").is_file()
     images = sorted((root / "images").glob("*.png"))
     assert len(images) == 16 and all(Image.open(p).size == (64, 64) for p in images)
-    assert "completed 20 steps" in outputs[2]
+    assert outputs[2] == "completed 20 steps\n"
+    progress = [line for line in errors[2].splitlines() if "gcfg.trainer.progress: training try: step " in line]
+    assert len(progress) == 20 and "step 20/20 (100%), loss " in progress[-1]  # 20 steps: one line each
 
     job = root / "job"
     status = json.loads((job / "status.json").read_text())
@@ -79,4 +90,6 @@ def test_newcomer_sequence_trains_and_samples_a_tiny_concept_model(tmp_path):
 
     sample = Path(tmp_path / outputs[4].strip())
     assert sample.name == "00000-1.png" and Image.open(sample).size == (64, 64)
-    assert "GCFG concept: concept.safetensors" in Image.open(sample).info["parameters"]
+    parameters = Image.open(sample).info["parameters"]
+    assert "GCFG: True, GCFG concept: try step 20" in parameters
+    assert "GCFG prior" not in parameters and "GCFG terms" not in parameters

@@ -46,8 +46,9 @@ def test_disabled_writes_nothing_and_missing_keys_default():
 
 def test_values_are_written_readably():
     info = GCFGSettings(enabled=True, concept_weight=2.0, terms="+1 x").to_infotext()
-    assert info == {"GCFG": "True", "GCFG prior": "", "GCFG concept": "", "GCFG concept weight": "2",
-                    "GCFG negative scale": "classic", "GCFG terms": "+1 x"}
+    assert info == {"GCFG": "True", "GCFG concept weight": "2", "GCFG terms": "+1 x"}  # defaults are not written
+    assert GCFGSettings(enabled=True, negative_scale=-0.5).to_infotext() == {"GCFG": "True",
+                                                                            "GCFG negative scale": "-0.5"}
 
 
 @pytest.mark.parametrize(("values", "message"), [

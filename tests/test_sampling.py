@@ -6,11 +6,13 @@ import pytest
 import torch
 from torch import nn
 
+from gcfg_core.coefficients import GuidanceWeights
 from gcfg_core.configs import sd1_alphas_cumprod
 from gcfg_core.denoiser import GCFGDenoiser, UNetDenoiser
 from gcfg_core.kdiff import k_diffusion_modules
+from gcfg_core.plan import GuidancePlan
 from gcfg_core.sampling import SAMPLER_NAMES, SAMPLERS, ImageNoise, Scheduler, resolve_sampler, sample, schedule_sigmas
-from gcfg_core.terms import GuidancePlan, GuidanceTerm, StepWindow
+from gcfg_core.terms import GuidanceTerm, StepWindow
 
 AC = sd1_alphas_cumprod()
 
@@ -38,7 +40,8 @@ class StepRecorder:
 
 def toy_gcfg(sigmas, window=None):
     models = {"prior": UNetDenoiser(ToyEps(0.5), AC), "main": UNetDenoiser(ToyEps(-0.3), AC)}
-    plan = GuidancePlan("prior", (GuidanceTerm("main", "a", 3.0, window),))
+    # the prompt at weight 0 is not evaluated: the main model runs for the (windowed) term only
+    plan = GuidancePlan(GuidanceWeights(0.0, terms=(GuidanceTerm("main", "a", 3.0, window),)), "a")
     conds = {"": torch.zeros(77, 8), "a": torch.full((77, 8), 0.1)}
     return GCFGDenoiser(models, plan, conds, sigmas)
 

@@ -65,7 +65,7 @@ def test_error_message_format():
     GuidanceTerm("concept", None, 2.5, StepWindow(0.1, 0.9)),
     GuidanceTerm("main", "@not a tag", 0.1),
     GuidanceTerm("main", "{0-0.5} braces first", 1e-20),
-    GuidanceTerm("ckpt.safetensors", "x: (y:1.1), [a:b:3]", -1234.5678901234),
+    GuidanceTerm("ckpt.safetensors", "x: (y:1.1), [a:b:3]", -12.345678901234),
     GuidanceTerm("main", "# not a comment", 0.0),
 ])
 def test_parse_of_format_is_identity(term):
@@ -77,3 +77,24 @@ def test_format_rejects_what_the_syntax_cannot_hold():
                  GuidanceTerm("main", None, 1.0), GuidanceTerm("my model", "x", 1.0)):
         with pytest.raises(ValueError, match="cannot be written"):
             format_terms([term])
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("+1e30 a dog", "line 1, column 1: weight 1e+30 is outside [-30, 30]"),
+    ("+1 ok\n  -30.5 b", "line 2, column 3: weight -30.5 is outside [-30, 30]"),
+])
+def test_weights_beyond_the_range_are_refused_with_the_settings_message(text, message):
+    with pytest.raises(TermSyntaxError) as caught:
+        parse_terms(text)
+    assert str(caught.value) == message
+    assert parse_terms("+30 a\n-30 b")[1].weight == -30.0  # the bounds themselves are fine
+
+
+def test_a_broken_window_is_prompt_text_with_a_warning_naming_its_column():
+    from gcfg_core.syntax import term_warnings
+
+    assert parse_terms("+1 {0.5- dog") == (GuidanceTerm("main", "{0.5- dog", 1.0),)
+    (warning,) = term_warnings("# c\n+1 {0.5- dog")
+    assert (warning.line, warning.column) == (2, 4)
+    assert str(warning).startswith("line 2, column 4: '{0.5-' starts like a step window but is not one")
+    assert term_warnings("+1 {red|blue} dog\n+1 {0-0.5} ok\n+1 plain") == ()

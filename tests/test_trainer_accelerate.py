@@ -17,6 +17,7 @@ from trainer.jobfolder import JobFolder, JobState
 
 sys.path.insert(0, str(Path(__file__).parent))
 from trainer_helpers import cli_args, tiny_config  # noqa: E402
+from waiting import BACKSTOP_S  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ def test_two_process_accelerate_run_matches_one_process_with_accumulation(tmp_pa
     # On CPU, `--multi_gpu` just selects the torchrun launcher; `--device cpu` makes Accelerate use gloo.
     command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "-q", "train", *args]
-    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, timeout=240)
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, timeout=BACKSTOP_S)
     assert run.returncode == 0, run.stderr.decode()[-3000:]
 
     job = JobFolder(tmp_path / "ddp" / "job")

@@ -9,6 +9,7 @@ import pytest
 
 from trainer.config import (
     CONFIG_VERSION,
+    RESUME_FIXED_REASONS,
     RESUME_MUTABLE_FIELDS,
     ConfigError,
     LRSchedule,
@@ -17,7 +18,9 @@ from trainer.config import (
     ResizePolicy,
     TrainConfig,
     check_resume_compatible,
+    check_resume_length,
     config_fields,
+    folder_problem,
 )
 
 REQUIRED = dict(dataset_dir="data", base_checkpoint="sd15.safetensors", job_dir="jobs/faces", name="faces")
@@ -144,9 +147,44 @@ def test_resume_allows_lr_and_cadence_changes_but_not_the_run_definition():
     with pytest.raises(ConfigError) as info:
         check_resume_compatible(old, old.with_overrides(resolution=768, seed=1, learning_rate=1e-6))
     problems = info.value.problems
-    assert problems[0] == "resolution cannot change on resume (was 512, now 768)"
-    assert problems[1] == "seed cannot change on resume (was 0, now 1)"
+    assert problems[0] == ("resolution cannot change on resume (was 512, now 768): the latent cache was built "
+                           "with it; start a new job to change it")
+    assert problems[1].startswith("seed cannot change on resume (was 0, now 1): the data order and every step's "
+                                  "noise follow from it")
     assert "learning_rate" in problems[-1] and len(problems) == 3
+
+
+def test_every_fixed_field_has_a_reason():
+    fixed = {f.name for f in dataclasses.fields(TrainConfig)} - RESUME_MUTABLE_FIELDS
+    assert fixed == set(RESUME_FIXED_REASONS)
+
+
+def test_resume_length_must_reach_the_current_step():
+    check_resume_length(make(max_steps=20), 20)
+    with pytest.raises(ConfigError, match=r"^max_steps=10 is below this job's current step 20: .*max_steps=20 or more"):
+        check_resume_length(make(max_steps=10), 20)
+
+
+def test_a_broken_config_file_is_named(tmp_path):
+    broken = tmp_path / "my.json"
+    broken.write_text('{"name": ')
+    with pytest.raises(ConfigError, match=rf"^config file '{broken}': config is not valid JSON"):
+        TrainConfig.load(broken)
+    broken.write_text(json.dumps({**REQUIRED, "learning_rate": 5}))
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.load(broken)
+    assert info.value.problems[0] == f"config file '{broken}' has bad values"
+    assert info.value.problems[1].startswith("learning_rate=5.0 must be in (0, 1]")
+
+
+def test_job_dir_problems_are_found_without_creating_anything(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert folder_problem(a_file) == "exists and is not a folder"
+    assert folder_problem(a_file / "job") == f"cannot be created: '{a_file}' is not a folder"
+    assert folder_problem(tmp_path / "new" / "job") is None and not (tmp_path / "new").exists()
+    with pytest.raises(ConfigError, match=r"job_dir='.*/file/job' cannot be created: .* is not a folder"):
+        make(job_dir=str(a_file / "job"), dataset_dir=str(tmp_path), base_checkpoint=str(a_file)).validate()
 
 
 def test_resume_mutable_fields_exist_and_exclude_run_defining_ones():

@@ -141,6 +141,69 @@ def test_adamw8bit_without_bitsandbytes_is_a_clear_error(monkeypatch):
         loop.build_optimizer([torch.nn.Parameter(torch.zeros(2))], config, torch.device("cpu"))
 
 
+class Torch21AdamW(torch.optim.AdamW):
+    """AdamW as torch 2.1.2 (the WebUI 1.10.1 venv) builds it: `fused=True` only for CUDA parameters, else a
+    RuntimeError from the constructor, with torch 2.1's own message."""
+
+    def __init__(self, params, *args, fused=None, **kwargs):
+        params = list(params)
+        if fused and not all(p.device.type == "cuda" for p in params):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
+                               "devices: ['cuda', 'privateuseone'].")
+        super().__init__(params, *args, fused=fused, **kwargs)
+
+
+class NoFusedKeywordAdamW(torch.optim.AdamW):
+    """An AdamW without the `fused` keyword (torch 1.x)."""
+
+    def __init__(self, params, *args, **kwargs):
+        if "fused" in kwargs:
+            raise TypeError("__init__() got an unexpected keyword argument 'fused'")
+        super().__init__(params, *args, **kwargs)
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+@pytest.mark.parametrize(("adamw", "expected"), [
+    (Torch21AdamW, "plain"),  # torch 2.1 on the CPU: no fused kernel, foreach is not native there
+    (NoFusedKeywordAdamW, "plain"),
+    # the current torch: CPU fused AdamW exists from torch 2.4 on (release notes of 2.4)
+    (torch.optim.AdamW, "fused" if _torch_version() >= (2, 4) else "plain"),
+])
+def test_adamw_implementation_is_probed_per_torch_and_device(adamw, expected, monkeypatch):
+    loop.adamw_implementation.cache_clear()
+    cpu = torch.device("cpu")
+    assert loop.adamw_implementation(cpu, adamw) == expected
+    # build_optimizer asks the real torch.optim.AdamW: give it the simulated one and check what it builds
+    monkeypatch.setattr(loop.torch.optim, "AdamW", adamw)
+    config = TrainConfig(dataset_dir="d", base_checkpoint="b", job_dir="j", name="n", learning_rate=0.1)
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = loop.build_optimizer([param], config, cpu)  # torch 2.1 raised here before
+    assert isinstance(optimizer, adamw)
+    assert bool(optimizer.defaults.get("fused")) == (expected == "fused")
+    assert bool(optimizer.defaults.get("foreach")) == (expected == "foreach")
+    param.grad = torch.ones(3)
+    optimizer.step()
+    # first AdamW step: p ← p·(1 − lr·wd) − lr·m̂/(√v̂ + ε) with m̂ = g, v̂ = g² (bias-corrected), g = 1
+    lr, wd, eps = 0.1, config.weight_decay, config.adam_epsilon
+    torch.testing.assert_close(param.detach(), torch.full((3,), (1 - lr * wd) - lr / (1 + eps)))
+    loop.adamw_implementation.cache_clear()
+
+
+@pytest.mark.parametrize(("device", "fused", "foreach", "expected"), [
+    ("cuda", True, True, "fused"),  # every torch ≥ 2.0 on CUDA
+    ("cuda", False, True, "foreach"),  # a CUDA build whose fused kernel refuses (e.g. an old torch)
+    ("cpu", True, True, "fused"),  # torch ≥ 2.4
+    ("cpu", False, True, "plain"),  # torch 2.1: foreach runs on the CPU but only as a slow loop
+    ("mps", False, False, "plain"),
+])
+def test_choose_adamw_prefers_fused_then_native_foreach(device, fused, foreach, expected):
+    assert loop.choose_adamw(device, fused_runs=fused, foreach_runs=foreach, foreach_devices=("cuda",)) == expected
+
+
 def test_diffusion_loss_is_deterministic_per_generator(nulltext_unet):
     config = TrainConfig(dataset_dir="d", base_checkpoint="b", job_dir="j", name="n", min_snr_gamma=5.0,
                          noise_offset=0.1)

@@ -19,6 +19,7 @@ from trainer.jobfolder import JobFolder, JobState
 sys.path.insert(0, str(Path(__file__).parent))
 from trainer_helpers import cli_args as _cli_args  # noqa: E402
 from trainer_helpers import tiny_config  # noqa: E402
+from waiting import BACKSTOP_S, wait_until  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,16 +130,17 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def _wait_for_step(job: JobFolder, step: int, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(e.get("type") == "step" and e["step"] >= step for e in job.read_events()):
-            return
+def _wait_for_step(job: JobFolder, step: int, proc: subprocess.Popen) -> None:
+    def reached() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"trainer exited early: {proc.communicate()}")
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"trainer did not reach step {step}")
+        return any(e.get("type") == "step" and e["step"] >= step for e in job.read_events())
+
+    try:
+        wait_until(reached, f"the trainer to reach step {step}")
+    except AssertionError:
+        proc.kill()
+        raise
 
 
 @pytest.mark.slow
@@ -148,7 +150,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resume_finishes(tmp_p
     proc = subprocess.Popen(_train_command(args), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for_step(job, 2, proc)
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=BACKSTOP_S)
     assert proc.returncode == 0, err.decode()
     status = job.read_status()
     assert status.state == JobState.STOPPED, status
@@ -157,7 +159,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resume_finishes(tmp_p
     assert b"stopped at step" in out
 
     resumed = subprocess.run([sys.executable, "-m", "trainer", "-q", "resume", str(job.path), "--max-steps",
-                              str(latest.step + 2)], cwd=REPO, env=_env(), capture_output=True, timeout=120)
+                              str(latest.step + 2)], cwd=REPO, env=_env(), capture_output=True, timeout=BACKSTOP_S)
     assert resumed.returncode == 0, resumed.stderr.decode()
     assert job.read_status().state == JobState.COMPLETED
     assert checkpoints.latest_checkpoint(job.checkpoints_dir).step == latest.step + 2
@@ -174,7 +176,7 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(tmp_path, tiny_check
     _wait_for_step(job, 3, proc)
     time.sleep(0.13)
     proc.kill()
-    proc.wait(timeout=30)
+    proc.wait(timeout=BACKSTOP_S)
 
     latest = checkpoints.latest_checkpoint(job.checkpoints_dir)
     assert latest is not None and latest.step >= 2

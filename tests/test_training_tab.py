@@ -6,18 +6,20 @@ from __future__ import annotations
 import dataclasses
 import enum
 import importlib.util
+import json
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from waiting import wait_until
 
 from gcfg_webui import training_tab
 from gcfg_webui.jobs_api import TrainingHost
 from gcfg_webui.training_tab import TrainingTab, form_fields, parse_widget, render_jobs_html, widget_value
 from trainer.config import TrainConfig, config_fields
 from trainer.jobfolder import JobState
-from trainer.jobs import JobAction, JobInfo, JobManager, LaunchSpec, PathPolicy
+from trainer.jobs import JobAction, JobError, JobInfo, JobManager, LaunchSpec, PathPolicy
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -93,8 +95,8 @@ def _info(**changes) -> JobInfo:
     values = dict(id="a", name="a", state=JobState.TRAINING, step=25, total_steps=100, progress=0.25,
                   images_per_second=3.5, eta_seconds=90.0, message="loss 0.1", last_error=None, created="",
                   updated="", device="cpu", queue_position=None, actions=(JobAction.STOP, JobAction.CANCEL),
-                  requested=None, pid=1, last_checkpoint=None, published=None, dataset_dir="", base_checkpoint="",
-                  unload_webui_model=False)
+                  requested=None, pid=1, last_checkpoint=None, published=None, published_step=None, dataset_dir="",
+                  base_checkpoint="", unload_webui_model=False)
     values.update(changes)
     return JobInfo(**values)
 
@@ -126,32 +128,109 @@ def test_create_poll_and_actions(host):
     tab = TrainingTab(host)
     message, job_id = tab.create(*tiny_form(tab, host, name="my faces"))
     assert job_id == "my_faces" and "created" in message
-    deadline = time.monotonic() + 30
-    while host.manager.get(job_id).step < 2:
-        assert time.monotonic() < deadline
-        host.manager.tick()
-        time.sleep(0.05)
-    selected, sent, jobs, detail, loss, preview, log, stop, cancel, resume, delete = tab.poll("", {})
+
+    def ticked(condition):
+        def check() -> bool:
+            host.manager.tick()
+            return condition()
+        return check
+
+    wait_until(ticked(lambda: host.manager.get(job_id).step >= 2), "step 2")
+    selected, sent, jobs, detail, loss, preview, log, status, stop, cancel, resume, delete = tab.poll("", {})
     assert selected == job_id and sent["job"] == job_id  # the running job is selected by default
     assert 'data-job-id="my_faces"' in jobs and "training" in detail
-    assert loss is not None and loss.size == (640, 300)
+    assert loss["type"] == "altair" and loss["chart"] == "line"  # gradio themes it like its own LinePlot
+    spec = json.loads(loss["plot"])  # the Vega-Lite chart the browser draws
+    [rows] = spec["datasets"].values()
+    assert {r["series"] for r in rows} == {"loss", "smoothed"} and max(r["step"] for r in rows) >= 2
+    low, high = spec["layer"][0]["encoding"]["y"]["scale"]["domain"]
+    assert low < min(r["loss"] for r in rows) and high > max(r["loss"] for r in rows)
+    assert status == gr.update()  # no action yet: nothing to follow
     assert [b["interactive"] for b in (stop, cancel, resume, delete)] == [True, True, False, False]
     # unchanged images are not sent again
     again = tab.poll(selected, sent)
     assert again[5] == gr.update()
-    assert "Stopping" in tab.act("stop", selected)
-    while host.manager.get(job_id).state != JobState.STOPPED:
-        assert time.monotonic() < deadline
-        host.manager.tick()
-        time.sleep(0.05)
-    *_, stop, cancel, resume, delete = tab.poll(selected, sent)
+    line, followed = tab.act("stop", selected, True, {})
+    assert "Stopping" in line and followed == {"job": job_id, "state": "training"}
+    wait_until(ticked(lambda: host.manager.get(job_id).state == JobState.STOPPED), "the stopped state")
+    selected, sent, *_, status, stop, cancel, resume, delete = tab.poll(selected, {}, followed)
+    assert "stopped at step" in status and "Resume continues" in status  # the line followed the job, even with a
+    # `sent` from a poll that started before the action (it knows nothing of the action)
     assert [b["interactive"] for b in (stop, cancel, resume, delete)] == [False, False, True, True]
-    assert tab.act("delete", selected, False) == ""  # the confirm dialog said no
+    assert tab.act("delete", selected, False, followed)[0] == ""  # the confirm dialog said no
     assert host.manager.get(job_id).state == JobState.STOPPED
-    assert "cannot stop" in tab.act("stop", selected)
-    assert "Deleted" in tab.act("delete", selected, True)
+    assert "cannot stop" in tab.act("stop", selected, True, followed)[0]
+    assert "Deleted" in tab.act("delete", selected, True, followed)[0]
     assert tab.poll(selected, sent)[0] == ""
-    assert "Select a job first" in tab.act("resume", "")
+    assert "Select a job first" in tab.act("resume", "")[0]
+
+
+def test_the_status_line_follows_a_resumed_job_to_completion(host):
+    """After Resume the line said "queued to resume" for good (issue 14); it must end at "completed"."""
+    tab = TrainingTab(host)
+    tab.create(*tiny_form(tab, host, name="discs", max_steps=60))
+
+    def reached(predicate):
+        host.manager.tick()
+        return predicate(host.manager.get("discs"))
+
+    wait_until(lambda: reached(lambda j: j.step >= 1), "a first step")
+    host.manager.stop("discs")
+    wait_until(lambda: reached(lambda j: j.state == JobState.STOPPED), "the stop")
+    line, followed = tab.act("resume", "discs", True, {})
+    assert "queued to resume" in line
+    lines = []
+    sent = {}
+
+    def completed_line():
+        nonlocal sent
+        host.manager.tick()
+        out = tab.poll("discs", sent, followed)
+        sent = out[1]
+        if isinstance(out[7], str):
+            lines.append(out[7])
+        return lines and "completed" in lines[-1]
+
+    wait_until(completed_line, "the status line to say completed", describe=lambda: str(lines))
+    assert "queued to resume" not in lines[-1] and 'data-state="completed"' in lines[-1]
+
+
+@pytest.mark.parametrize(("state", "changes", "text"), [
+    (JobState.QUEUED, {"queue_position": 2}, "is queued (position 2)."),
+    (JobState.TRAINING, {}, "is training: step 25/100."),
+    (JobState.CACHING, {"message": "caching latents 3 / 9"}, "is caching: caching latents 3 / 9"),
+    (JobState.STOPPING, {}, "is saving a checkpoint, then stops."),
+    (JobState.STOPPED, {}, "stopped at step 25; Resume continues from there."),
+    (JobState.COMPLETED, {"published": "/m/GCFG/a.safetensors"}, "completed 25 steps: concept model <code>/m/GCFG/"),
+    (JobState.FAILED, {"last_error": "disk <full>"}, "failed: disk &lt;full&gt;"),
+    (JobState.INTERRUPTED, {}, "was interrupted at step 25; Resume continues from the last checkpoint."),
+    (JobState.CANCELLED, {}, "was cancelled."),
+])
+def test_status_line_per_state(state, changes, text):
+    line = training_tab.status_line_html(_info(state=state, **changes))
+    assert text in line and f'data-state="{state.value}"' in line and "<b>a</b>" in line
+
+
+def test_device_choices_say_what_auto_means():
+    assert training_tab.device_choices(["auto", "cuda:0", "cpu"], "cuda:0") == ["auto → cuda:0", "cuda:0", "cpu"]
+    assert training_tab.device_value("auto → cpu") == "auto" and training_tab.device_value("cuda:1") == "cuda:1"
+
+
+def test_cpu_only_machines_get_a_run_a_cpu_can_finish(host):
+    assert host.auto_device == "cpu"
+    tab = TrainingTab(host)
+    assert tab.on_cpu and tab.defaults == training_tab.CPU_DEFAULTS
+    specs = {s.name: s for s in config_fields()}
+    assert widget_value(specs["mixed_precision"], tab.defaults) == "no"  # fp16 cannot run, bf16 crawls on CPUs
+    assert widget_value(specs["resolution"], tab.defaults) < specs["resolution"].default
+    assert "takes days here" in training_tab.cpu_warning_html()
+    gpu = TrainingTab(dataclasses.replace(host, auto_device="cuda:0"))
+    assert not gpu.on_cpu and gpu.defaults == {}  # the paper's settings
+    assert widget_value(specs["resolution"], gpu.defaults) == 512 and widget_value(specs["batch_size"]) == 32
+    # every CPU default is a valid config value
+    TrainConfig.from_dict({**{s.name: parse_widget(s, widget_value(s, tab.defaults)) for s in config_fields()
+                              if not s.required}, "name": "x", "dataset_dir": "d", "base_checkpoint": "b",
+                           "job_dir": "j"}).validate(check_paths=False)
 
 
 def test_build_wires_the_poll_through_javascript_without_the_queue(host):
@@ -163,14 +242,24 @@ def test_build_wires_the_poll_through_javascript_without_the_queue(host):
     assert len(confirms) == 4
     ids = {c["props"].get("elem_id") for c in blocks.config["components"]}
     assert {"gcfg_train_poll", "gcfg_train_jobs", "gcfg_train_start", "gcfg_train_learning_rate",
-            "gcfg_train_ema_decay", "gcfg_train_device", "gcfg_train_unload"} <= ids
+            "gcfg_train_ema_decay", "gcfg_train_device", "gcfg_train_unload", "gcfg_train_cpu_warning"} <= ids
+    props = {c["props"].get("elem_id"): c for c in blocks.config["components"]}
+    assert props["gcfg_train_loss"]["type"] == "plot"  # gradio serialises LinePlot as its plot component
+    assert props["gcfg_train_device"]["props"]["label"] == "Device"
+    assert props["gcfg_train_device"]["props"]["choices"][0] == "auto → cpu"
+    # one-line values are one-line inputs (gradio 3 renders <input> only with lines == max_lines == 1)
+    for elem_id in ("gcfg_train_name", "gcfg_train_dataset_dir", "gcfg_train_preview_seeds",
+                    "gcfg_train_preview_sampler"):
+        assert (props[elem_id]["props"]["lines"], props[elem_id]["props"]["max_lines"]) == (1, 1), elem_id
+    assert props["gcfg_train_preview_prompts"]["props"]["lines"] == 3
+    assert str(Path(host.policy.dataset_roots[0])) in props["gcfg_train_dataset_dir"]["props"]["info"]
 
 
 # --- the entry script on the fake WebUI host
 
 
 _WEBUI_BOUND = ("modules", "harness", "fake_runtime")  # top-level names bound to one fake WebUI instance
-_HOST_FREE = {"gcfg_webui", "gcfg_webui.api", "gcfg_webui.jobs_api", "gcfg_webui.training_tab"}
+_HOST_FREE = {"gcfg_webui", "gcfg_webui.access", "gcfg_webui.api", "gcfg_webui.jobs_api", "gcfg_webui.training_tab"}
 
 
 def _bound(name: str) -> bool:
@@ -218,6 +307,9 @@ def test_entry_script_registers_the_tab_and_the_routes(tmp_path, monkeypatch, fr
     monkeypatch.setattr(paths, "models_path", str(tmp_path / "models"))
     monkeypatch.setattr(paths, "data_path", str(tmp_path), raising=False)
     monkeypatch.setattr(jobs_api, "_webui_host", None, raising=False)
+    extra = tmp_path / "elsewhere"
+    extra.mkdir()
+    monkeypatch.setenv("GCFG_DATASET_ROOTS", str(extra))
     base = tmp_path / "models" / "Stable-diffusion" / "base.safetensors"
     base.parent.mkdir(parents=True)
     base.write_bytes(b"")
@@ -235,7 +327,14 @@ def test_entry_script_registers_the_tab_and_the_routes(tmp_path, monkeypatch, fr
         assert host.manager.root == (tmp_path / "models" / "GCFG-training").resolve()
         assert host.manager.publish_dir == (tmp_path / "models" / "GCFG").resolve()
         assert host.manager.launch.pythonpath[0] == str(REPO_ROOT)
-        assert host.policy.dataset_roots == (str(tmp_path.resolve()),)
+        datasets = tmp_path.resolve() / "GCFG-datasets"
+        assert host.policy.dataset_roots == (str(datasets), str(extra.resolve())) and datasets.is_dir()
+        (datasets / "faces").mkdir()
+        assert host.policy.check_dataset(str(datasets / "faces")) == str(datasets / "faces")
+        for inside_the_webui in (tmp_path / "models", tmp_path / "outputs", tmp_path):
+            inside_the_webui.mkdir(exist_ok=True)
+            with pytest.raises(JobError, match="outside the allowed dataset folders"):
+                host.policy.check_dataset(str(inside_the_webui))
         assert host.resolve_checkpoint("base.safetensors [0123456789]") == str(base)
         assert host.resolve_checkpoint("nothing-like-it") is None
         from fastapi import FastAPI
@@ -244,6 +343,18 @@ def test_entry_script_registers_the_tab_and_the_routes(tmp_path, monkeypatch, fr
         app = FastAPI()
         registered["app"][0](None, app)
         assert TestClient(app).get("/gcfg/v1/jobs").json() == {"jobs": []}
+        # The WebUI's flags decide who may call: --listen without credentials refuses state changes.
+        from modules import shared
+
+        monkeypatch.setattr(shared, "cmd_opts", SimpleNamespace(**{**vars(shared.cmd_opts), "listen": True}))
+        app = FastAPI()
+        registered["app"][0](None, app)
+        refused = TestClient(app).post("/gcfg/v1/jobs", json={})
+        assert refused.status_code == 403 and "--listen" in refused.json()["detail"]
+        monkeypatch.setattr(shared, "cmd_opts", SimpleNamespace(**{**vars(shared.cmd_opts), "api": False}))
+        app = FastAPI()
+        registered["app"][0](None, app)
+        assert TestClient(app).get("/gcfg/v1/jobs").status_code == 404  # like /sdapi: no routes without --api
     finally:
         if jobs_api._webui_host is not None:
             jobs_api._webui_host.manager.shutdown()

@@ -13,19 +13,33 @@ random-weight SD 1 model) and `python -m trainer demo-data DIR` (synthetic image
 from __future__ import annotations
 
 import argparse
+import contextlib
 import enum
 import json
 import logging
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from trainer.config import RESUME_MUTABLE_FIELDS, ConfigError, FieldSpec, TrainConfig, check_resume_compatible
+from gcfg_core.console import ldm_chatter_filtered
+from trainer.config import (
+    DEVICE_RE,
+    RESUME_FIXED_REASONS,
+    RESUME_MUTABLE_FIELDS,
+    ConfigError,
+    FieldSpec,
+    TrainConfig,
+    changed_fixed_fields,
+    check_resume_compatible,
+    check_resume_length,
+)
 from trainer.config import config_fields as _config_fields
+from trainer.progress import format_duration
 
 log = logging.getLogger("gcfg.trainer.cli")
 
@@ -49,26 +63,92 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, fields: Sequence[FieldSpec]) -> None:
-    group = parser.add_argument_group("training config (override the --config file)")
+def _value_text(spec: FieldSpec, value: object) -> str:
+    """A config value as the user would type it after its flag (`--flip`/`--no-flip` for booleans)."""
+    if spec.type is bool:
+        return _flag(spec.name) if value else "--no-" + _flag(spec.name)[2:]
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, tuple | list):
+        return " ".join(map(str, value)) if value else "none"
+    return str(value)
+
+
+def _flag_with_value(spec: FieldSpec, value: object) -> str:
+    return _value_text(spec, value) if spec.type is bool else f"{_flag(spec.name)} {_value_text(spec, value)}"
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, fields: Sequence[FieldSpec], *, title: str,
+                      shown: TrainConfig | None = None, shown_label: str = "default") -> None:
+    """One flag per field; its help ends with the default, or with `shown`'s value (a job's stored config)."""
+    group = parser.add_argument_group(title)
     for spec in fields:
-        kwargs: dict = {"dest": spec.name, "default": None, "help": spec.help}
-        if spec.type is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif spec.type is tuple:
-            kwargs.update(nargs="*", type=int if spec.name == "preview_seeds" else str)
-        elif isinstance(spec.type, type) and issubclass(spec.type, enum.Enum):
-            kwargs["choices"] = spec.choices
-        else:
-            kwargs["type"] = spec.type
-        if spec.default not in (None, ()) and spec.type is not bool:
-            default = spec.default.value if isinstance(spec.default, enum.Enum) else spec.default
-            kwargs["help"] += f" (default: {default})"
-        group.add_argument(_flag(spec.name), **kwargs)
+        text = spec.help.replace("%", "%%")  # argparse formats help text with %
+        value = getattr(shown, spec.name) if shown is not None else spec.default
+        if spec.required and shown is None:
+            text += " (required unless the --config file has it)"
+        elif shown is not None or spec.type is bool or value not in (None, ()):
+            text += f" ({shown_label}: {_value_text(spec, value)})".replace("%", "%%")
+        group.add_argument(_flag(spec.name), **_flag_kwargs(spec, text))
+
+
+def _flag_kwargs(spec: FieldSpec, help_text: str) -> dict:
+    kwargs: dict = {"dest": spec.name, "default": None, "help": help_text}
+    if spec.type is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif spec.type is tuple:
+        kwargs.update(nargs="*", type=int if spec.name == "preview_seeds" else str)
+        kwargs["metavar"] = "SEED" if spec.name == "preview_seeds" else "PROMPT"
+    elif isinstance(spec.type, type) and issubclass(spec.type, enum.Enum):
+        kwargs["choices"] = spec.choices
+    else:
+        kwargs["type"] = spec.type
+    return kwargs
+
+
+def _add_fixed_flags(parser: argparse.ArgumentParser, fields: Sequence[FieldSpec]) -> None:
+    """Flags of fields that may not change on resume: accepted (hidden from the help) so that giving one gets a
+    message saying why, instead of argparse's "unrecognized arguments"."""
+    for spec in fields:
+        parser.add_argument(_flag(spec.name), **_flag_kwargs(spec, argparse.SUPPRESS))
 
 
 def _overrides(args: argparse.Namespace, fields: Sequence[FieldSpec]) -> dict:
     return {spec.name: getattr(args, spec.name) for spec in fields if getattr(args, spec.name, None) is not None}
+
+
+_FIELD_TOKEN = re.compile(r"(?<![\w-])(" + "|".join(sorted((s.name for s in _config_fields()), key=len, reverse=True))
+                          + r")(?=[=\[]| cannot change| ×)")
+
+
+def spelled_as_flags(message: str, given: set[str], source: str | None) -> str:
+    """A config message with each field written as the flag the user typed (`learning_rate=2` -> `--learning-rate=2`).
+
+    Fields that were not given as flags but come from a config file keep their name, and the message says which
+    file; fields that took their default are written as the flag that sets them.
+    """
+    from_file = []
+
+    def spell(match: re.Match) -> str:
+        name = match.group(1)
+        if name in given or source is None:
+            return _flag(name)
+        from_file.append(name)
+        return name
+
+    text = _FIELD_TOKEN.sub(spell, message)
+    return f"{text} (from {source}; a flag overrides it)" if from_file else text
+
+
+@contextlib.contextmanager
+def _flag_errors(given: set[str], source: str | None) -> Iterator[None]:
+    """Config and preflight problems as one-line usage errors that name the flags."""
+    from trainer.preflight import PreflightError
+
+    try:
+        yield
+    except (ConfigError, PreflightError) as exc:
+        raise UsageError(spelled_as_flags(str(exc), given, source)) from exc
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -107,21 +187,40 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _check_writable_folder(path: str | os.PathLike, flag: str) -> None:
+    from gcfg_core.fileio import folder_write_problem
+
+    problem = folder_write_problem(path)
+    if problem:
+        raise UsageError(f"{flag} {str(path)!r}: cannot write there ({problem})")
+
+
 def validate_for_run(config: TrainConfig) -> None:
-    """Every check that needs no dataset scan: values, paths, the process split, mixed precision on the device."""
+    """Every check that needs no dataset scan: values, paths, the process split, mixed precision on the device;
+    then the job folder is created and written to, so that a folder we cannot use fails now, not after the scan."""
     from trainer.preflight import check_mixed_precision
 
     config.validate(check_paths=True, num_processes=_world_size())
     check_mixed_precision(config)
+    if is_main_process():
+        _check_writable_folder(config.job_dir, "--job-dir")
+
+
+def _run_config(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
+    given = set(_overrides(args, _config_fields()))
+    with _flag_errors(given, args.config):
+        config = config_from_args(args)
+        validate_for_run(config)
+    return config, given
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from trainer.loop import prepare
 
-    config = config_from_args(args)
-    validate_for_run(config)
+    config, given = _run_config(args)
     job = _open_job(config, allow_existing_checkpoints=True)
-    prepared = prepare(config, job, progress=not args.quiet, num_processes=_world_size())
+    with _flag_errors(given, args.config):
+        prepared = prepare(config, job, progress=not args.quiet, num_processes=_world_size())
     sys.stdout.write(f"prepared {config.job_dir}: {prepared.num_images} images ({prepared.num_skipped} skipped), "
                      f"latent cache and null-text vectors ready\n")
     return EXIT_OK
@@ -130,18 +229,37 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def _run(config: TrainConfig, job, *, resume: bool, quiet: bool) -> int:
     from trainer.jobfolder import JobState
     from trainer.loop import train
+    from trainer.stopping import StopFileFlag, stop_on_break
 
-    result = train(config, job, resume=resume, progress=not quiet)
+    stop = StopFileFlag(job=job)  # the job manager's stop file works where signals do not (Windows)
+    with stop_on_break(stop):
+        result = train(config, job, resume=resume, stop=stop, progress=not quiet)
     if is_main_process():
         sys.stdout.write(result.message + "\n")
     return EXIT_FAILED if result.state == JobState.FAILED else EXIT_OK
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    validate_for_run(config)
+    config, given = _run_config(args)
     job = _open_job(config, allow_existing_checkpoints=False)
-    return _run(config, job, resume=False, quiet=args.quiet)
+    with _flag_errors(given, args.config):
+        return _run(config, job, resume=False, quiet=args.quiet)
+
+
+def _fixed_field_message(old: TrainConfig, new: TrainConfig, changed: list[str], config_path: Path) -> str:
+    specs = {spec.name: spec for spec in _config_fields()}
+    parts = [f"{_flag(name)} is fixed for this job: {RESUME_FIXED_REASONS.get(name, 'it defines the run')} "
+             f"(this job: {_flag_with_value(specs[name], getattr(old, name))})" for name in changed]
+    asked = " ".join(_flag_with_value(specs[name], getattr(new, name)) for name in changed)
+    return ("; ".join(parts) + f". To train with {asked}, start a new job from this one's settings: python -m "
+            f"trainer train --config {config_path} {asked} --job-dir NEW_DIR --name NEW_NAME")
+
+
+def _current_step(job) -> int:
+    from trainer.checkpoints import latest_checkpoint
+
+    checkpoint = latest_checkpoint(job.checkpoints_dir)
+    return checkpoint.step if checkpoint is not None else 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -150,32 +268,31 @@ def cmd_resume(args: argparse.Namespace) -> int:
     job = JobFolder(args.job_dir)
     if not job.config_path.is_file():
         raise UsageError(f"{args.job_dir!r} is not a job folder (no {job.config_path.name})")
-    old = TrainConfig.load(job.config_path)
-    new = old.with_overrides(**_overrides(args, _resume_fields()))
-    check_resume_compatible(old, new)
-    validate_for_run(new)
+    given = set(_overrides(args, _config_fields()))
+    source = str(job.config_path)
+    with _flag_errors(given, source):
+        old = TrainConfig.load(job.config_path)
+        new = old.with_overrides(**_overrides(args, _config_fields()))
+        changed = changed_fixed_fields(old, new)
+        if changed:
+            raise UsageError(_fixed_field_message(old, new, changed, job.config_path))
+        check_resume_compatible(old, new)
+        # Before anything is written: a shorter run would leave status.json at step 20 of 10.
+        check_resume_length(new, _current_step(job))
+        validate_for_run(new)
     if is_main_process():
         new.save(job.config_path)
         from trainer.jobfolder import configure_file_logging
 
         configure_file_logging(job)
-    return _run(new, job, resume=True, quiet=args.quiet)
+    with _flag_errors(given, source):
+        return _run(new, job, resume=True, quiet=args.quiet)
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
+def _sample_spec(args: argparse.Namespace, trained: dict):
+    """The preview grid the `sample` flags ask for, checked before any model is loaded (errors name the flag)."""
+    from trainer.previews import PreviewSpec
 
-    from gcfg_core.concept_file import load_concept_model
-    from gcfg_core.models import load_sd_checkpoint
-    from trainer.checkpoints import resolve_checkpoint
-    from trainer.previews import PreviewSpec, render_grid, save_png
-
-    source = Path(args.source)
-    concept_path = source if source.is_file() else resolve_checkpoint(source).concept_path
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    concept, metadata = load_concept_model(concept_path, device=device, dtype=dtype)
-    trained = metadata.train_config or {}
     spec = PreviewSpec(
         prompts=tuple(args.prompts if args.prompts is not None else trained.get("preview_prompts", ())),
         seeds=tuple(args.seeds if args.seeds is not None else trained.get("preview_seeds", (0, 1, 2, 3))),
@@ -187,9 +304,49 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     if not spec.seeds:
         raise UsageError("--seeds must name at least one seed")
+    # a message that starts with a request field is about that field; the prefix becomes the flag
+    flags = {"steps": "--steps", "concept_weight": "--concept-weight", "width": "--size", "height": "--size",
+             "seed": "--seeds", "unknown sampler": "--sampler:"}
+    try:
+        spec.requests()  # every value through the sampler's own checks
+    except ValueError as exc:
+        message = str(exc)
+        key = next((k for k in flags if message.startswith(k)), None)
+        if key is None:
+            raise UsageError(message) from None
+        flag = flags[key]
+        raise UsageError(f"{flag} {message}" if flag.endswith(":") else flag + message[len(key):]) from None
+    return spec
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from gcfg_core.concept_file import load_concept_model, read_concept_metadata
+    from gcfg_core.models import load_sd_checkpoint
+    from trainer.checkpoints import resolve_checkpoint
+    from trainer.previews import render_grid, save_png
+
+    # everything that can be checked is checked before the models load
+    if not DEVICE_RE.match(args.device):
+        raise UsageError(f"--device {args.device!r} must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if not Path(args.prior).is_file():
+        raise UsageError(f"--prior {args.prior!r} is not an existing file")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {args.out!r} is a folder; give the path of the PNG to write")
+    _check_writable_folder(out.parent, "--out")
+    source = Path(args.source)
+    concept_path = source if source.is_file() else resolve_checkpoint(source).concept_path
+    metadata = read_concept_metadata(concept_path)
+    spec = _sample_spec(args, metadata.train_config or {})
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    concept, metadata = load_concept_model(concept_path, device=device, dtype=dtype)
     prior = load_sd_checkpoint(args.prior, device=device, dtype=dtype, compute_hash=False)
     grid, description = render_grid(spec, prior, concept)
-    out = save_png(grid, args.out, f"{description}; concept {concept_path} ({metadata.steps} steps)")
+    out = save_png(grid, out, f"{description}; concept {concept_path} ({metadata.steps} steps)")
     sys.stdout.write(f"wrote {out}\n")
     return EXIT_OK
 
@@ -241,14 +398,6 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
 def status_summary(job) -> dict:
     """The effective status of a job plus its last loss and newest checkpoint, as plain data."""
     from trainer.checkpoints import latest_checkpoint
@@ -278,7 +427,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"step       {summary['step']} / {summary['total_steps']}",
         f"loss       {loss:.4g}" if loss is not None else "loss       -",
         f"speed      {speed:.2f} images/s" if speed else "speed      -",
-        f"eta        {_format_duration(summary['eta_seconds'])}",
+        f"eta        {format_duration(summary['eta_seconds'])}",
         f"checkpoint {summary['latest_checkpoint'] or '-'}",
     ]
     if summary["last_error"]:
@@ -296,46 +445,102 @@ def _resume_fields() -> tuple[FieldSpec, ...]:
     return tuple(s for s in _config_fields() if s.name in RESUME_MUTABLE_FIELDS and s.name not in ("job_dir", "name"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _fixed_fields() -> tuple[FieldSpec, ...]:
+    return tuple(s for s in _config_fields() if s.name not in RESUME_MUTABLE_FIELDS)
+
+
+def _common_options(default: object) -> argparse.ArgumentParser:
+    """-q/-v, accepted before the command (`default` False) and after it (`default` SUPPRESS keeps the first)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="no progress bar or progress lines, warnings and errors only")
+    common.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="debug log lines, and the build messages of the ldm model code")
+    return common
+
+
+def _stored_config_for_help(argv: Sequence[str]) -> TrainConfig | None:
+    """For `resume JOB_DIR --help`: the job's stored config, read before parsing so the help can show its values."""
+    if not {"-h", "--help"} & set(argv) or "resume" not in argv:
+        return None
+    rest = list(argv)[list(argv).index("resume") + 1:]
+    job_dir = next((a for a in rest if not a.startswith("-")), None)
+    if job_dir is None:
+        return None
+    try:
+        return TrainConfig.load(Path(job_dir) / "config.json")
+    except ConfigError:
+        return None
+
+
+def build_parser(resume_job: TrainConfig | None = None) -> argparse.ArgumentParser:
+    """The parser; `resume_job` (a job's stored config) makes `resume --help` show that job's values."""
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n\n")[0],
+                                     parents=[_common_options(False)])
+    common = _common_options(argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     for name, func, text in (("prepare", cmd_prepare, "scan images, build the latent cache, calibrate null-text"),
                              ("train", cmd_train, "create a job folder and train (prepares first if needed)")):
-        p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--config", help="config JSON (e.g. a job's config.json); flags override its values")
-        _add_config_flags(p, _config_fields())
+        p = sub.add_parser(name, help=text, description=text, parents=[common])
+        p.add_argument("--config", metavar="FILE",
+                       help="config JSON (e.g. a job's config.json); flags given on top override its values")
+        _add_config_flags(p, _config_fields(), title="training config (each overrides the --config file)")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("resume", help="continue a stopped or interrupted job from its latest checkpoint")
-    p.add_argument("job_dir", metavar="JOB_DIR")
-    _add_config_flags(p, _resume_fields())
+    text = "continue a stopped, interrupted or failed job from its newest checkpoint"
+    fixed = ", ".join(_flag(s.name) for s in _fixed_fields() if s.name not in ("job_dir", "name"))
+    shown = ("shown below" if resume_job is not None else "`python -m trainer resume JOB_DIR --help` shows them")
+    p = sub.add_parser("resume", help=text, parents=[common], description=(
+        f"{text[0].upper()}{text[1:]}. Flags not given keep the job's stored values ({shown}). These settings are "
+        f"fixed for a job, because its latent cache, data order and optimizer state depend on them: {fixed}."))
+    p.add_argument("job_dir", metavar="JOB_DIR",
+                   help="the job folder (made by `train` or `prepare`, or by the WebUI's training tab)")
+    if resume_job is not None:
+        _add_config_flags(p, _resume_fields(), shown=resume_job, shown_label="this job",
+                          title=f"settings that may change on resume (this job: {resume_job.name})")
+    else:
+        group = p.add_argument_group("settings that may change on resume (default: the job's stored value)")
+        for spec in _resume_fields():
+            group.add_argument(_flag(spec.name), **_flag_kwargs(spec, spec.help.replace("%", "%%")))
+    _add_fixed_flags(p, _fixed_fields())
     p.set_defaults(func=cmd_resume)
 
-    p = sub.add_parser("sample", help="GCFG preview grid of a concept model (prior uncond + concept)")
+    text = "GCFG preview grid of a concept model (prior uncond + concept), with the job's preview settings"
+    p = sub.add_parser("sample", help=text, description=text + "; each flag overrides one of them.",
+                       parents=[common])
     p.add_argument("source", metavar="CHECKPOINT_OR_JOB",
                    help="a concept .safetensors file, a checkpoint folder or a job folder (its latest checkpoint)")
     p.add_argument("--prior", required=True, help="base SD 1.5 checkpoint file (unconditional term, VAE, text)")
     p.add_argument("--out", required=True, help="output PNG path")
-    p.add_argument("--prompts", nargs="*", default=None, help="control prompts, one grid row each")
-    p.add_argument("--seeds", nargs="*", type=int, default=None, help="seeds, one grid column each")
-    p.add_argument("--concept-weight", type=float, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--sampler", default=None)
-    p.add_argument("--size", type=int, default=None, help="image size in pixels (default: training resolution)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--prompts", nargs="*", default=None, metavar="PROMPT",
+                   help="control prompts, one grid row each below the concept-only row (default: the job's "
+                        "preview_prompts)")
+    p.add_argument("--seeds", nargs="*", type=int, default=None, metavar="SEED",
+                   help="seeds, one grid column each (default: the job's preview_seeds)")
+    p.add_argument("--concept-weight", type=float, default=None,
+                   help="GCFG weight of the concept term (default: the job's preview_concept_weight, else 2.5)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the job's preview_steps, else 25)")
+    p.add_argument("--sampler", default=None,
+                   help="k-diffusion sampler by its WebUI name, e.g. 'DPM++ 2M' or 'Euler a' (default: the job's "
+                        "preview_sampler, else DPM++ 2M)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image width and height in pixels, a multiple of 8 (default: the training resolution)")
+    p.add_argument("--device", default="auto",
+                   help="'auto' (CUDA when available, else the CPU), 'cpu', 'cuda', 'cuda:N' or 'mps' (default: auto)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("status", help="print a job's state, progress, speed and ETA")
-    p.add_argument("job_dir", metavar="JOB_DIR")
+    text = "print a job's state, progress, speed and ETA"
+    p = sub.add_parser("status", help=text, description=text + ".", parents=[common])
+    p.add_argument("job_dir", metavar="JOB_DIR", help="the job folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
     text = ("write synthetic images of one simple concept (a coloured disc on a varying background) to try the "
             "trainer with no dataset of your own")
     p = sub.add_parser("demo-data", help=text, description=text + "; the same files for the same --seed.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, parents=[common])
     p.add_argument("folder", metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--count", type=int, default=16, help="number of images")
     p.add_argument("--size", type=int, default=64, help="image width and height in pixels")
@@ -356,7 +561,7 @@ class _ConsoleHandler(logging.StreamHandler):
         pass
 
 
-def _configure_logging(quiet: bool) -> None:
+def _configure_logging(quiet: bool, verbose: bool = False) -> None:
     logger = logging.getLogger("gcfg")
     handler = next((h for h in logger.handlers if isinstance(h, _ConsoleHandler)), None)
     if handler is None:
@@ -364,8 +569,11 @@ def _configure_logging(quiet: bool) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
     # The level sits on the handler: the job's train.log (trainer.jobfolder) keeps INFO even with --quiet.
-    handler.setLevel(logging.WARNING if quiet or not is_main_process() else logging.INFO)
-    logger.setLevel(logging.INFO)
+    if quiet or not is_main_process():
+        handler.setLevel(logging.WARNING)
+    else:
+        handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -382,13 +590,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the trainer never downloads; fail fast instead
-    args = build_parser().parse_args(argv)
-    _configure_logging(args.quiet)
-    try:
-        return args.func(args)
-    except _user_errors() as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return EXIT_USAGE
-    except KeyboardInterrupt:  # a second Ctrl-C during the final save
-        sys.stderr.write("error: interrupted\n")
-        return 130
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(_stored_config_for_help(argv)).parse_args(argv)
+    _configure_logging(args.quiet, args.verbose)
+    with ldm_chatter_filtered(verbose=args.verbose):
+        try:
+            return args.func(args)
+        except _user_errors() as exc:  # (importing them loads ldm: inside the filter)
+            sys.stderr.write(f"error: {exc}\n")
+            return EXIT_USAGE
+        except KeyboardInterrupt:  # a second Ctrl-C during the final save
+            sys.stderr.write("error: interrupted\n")
+            return 130

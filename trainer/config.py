@@ -212,12 +212,22 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TrainConfig:
-        """Read a config written by `save` (values are validated; paths are not — call `validate`)."""
+        """Read a config written by `save` (values are validated; paths are not — call `validate`).
+
+        A file that cannot be read or is not a config is a `ConfigError` whose first problem names the file.
+        """
         try:
             text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError as e:
             raise ConfigError(f"config file {str(path)!r} does not exist") from e
-        return cls.from_json(text)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {e}") from e
+        try:
+            return cls.from_json(text)
+        except ConfigError as e:
+            if len(e.problems) == 1 and not _FIELD_PROBLEM.match(e.problems[0]):
+                raise ConfigError(f"config file {str(path)!r}: {e.problems[0]}") from e
+            raise ConfigError([f"config file {str(path)!r} has bad values", *e.problems]) from e
 
     def with_overrides(self, **overrides: Any) -> TrainConfig:
         """A copy with some fields replaced (CLI flags); `None` means "not given" and is ignored."""
@@ -246,15 +256,45 @@ RESUME_MUTABLE_FIELDS: frozenset[str] = frozenset({
 })
 
 
+# Why each other field is fixed for the life of a job (said when a resume tries to change one).
+_CACHE = "the latent cache was built with it"
+_ORDER = "the data order and every step's noise follow from it (exact resume)"
+_LOSS = "it defines the loss the run optimises"
+RESUME_FIXED_REASONS: dict[str, str] = {
+    "dataset_dir": _CACHE, "resolution": _CACHE, "resize_policy": _CACHE, "min_image_size": _CACHE, "flip": _CACHE,
+    "base_checkpoint": "the concept UNet started from it and the null-text vectors were calibrated on it",
+    "batch_size": _ORDER, "seed": _ORDER,
+    "optimizer": "the checkpoint holds this optimizer's state",
+    "mixed_precision": "the checkpoint's gradient-scaler state and the run's numerics follow from it",
+    "ema_decay": "the checkpoint's EMA weights were averaged with it",
+    "min_snr_gamma": _LOSS, "noise_offset": _LOSS,
+}
+
+
+def changed_fixed_fields(old: TrainConfig, new: TrainConfig) -> list[str]:
+    """The fields outside `RESUME_MUTABLE_FIELDS` whose value differs, in declaration order."""
+    return [f.name for f in dataclasses.fields(TrainConfig)
+            if f.name not in RESUME_MUTABLE_FIELDS and getattr(old, f.name) != getattr(new, f.name)]
+
+
 def check_resume_compatible(old: TrainConfig, new: TrainConfig) -> None:
-    """Raise `ConfigError` naming every field outside `RESUME_MUTABLE_FIELDS` whose value differs."""
-    changed = [f.name for f in dataclasses.fields(TrainConfig)
-               if f.name not in RESUME_MUTABLE_FIELDS and getattr(old, f.name) != getattr(new, f.name)]
+    """Raise `ConfigError` naming every field outside `RESUME_MUTABLE_FIELDS` whose value differs, and why."""
+    changed = changed_fixed_fields(old, new)
     if changed:
         raise ConfigError([
-            f"{name} cannot change on resume (was {_show(getattr(old, name))}, now {_show(getattr(new, name))})"
+            f"{name} cannot change on resume (was {_show(getattr(old, name))}, now {_show(getattr(new, name))}): "
+            f"{RESUME_FIXED_REASONS.get(name, 'it defines the run')}; start a new job to change it"
             for name in changed
         ] + [f"fields that may change on resume: {', '.join(sorted(RESUME_MUTABLE_FIELDS))}"])
+
+
+def check_resume_length(config: TrainConfig, step: int) -> None:
+    """Raise `ConfigError` when `config.max_steps` is below `step`, the step the job has reached: a resume only
+    continues a run (a shorter one is an earlier checkpoint of it, which the job keeps only while `keep_last`
+    allows)."""
+    if config.max_steps < step:
+        raise ConfigError(f"max_steps={config.max_steps} is below this job's current step {step}: a resume continues "
+                          f"the run, so it needs max_steps={step} or more")
 
 
 @dataclass(frozen=True)
@@ -299,8 +339,9 @@ _FIELD_TYPES: dict[str, Any] = {
 }
 _TUPLE_ITEM_TYPES = {"preview_prompts": str, "preview_seeds": int}
 
+_FIELD_PROBLEM = re.compile(r"^[a-z_][a-z0-9_]*(\[\d+\])?=")  # "learning_rate=2 must be ..."
 _NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _MAX_SEED = 2**32 - 1  # numpy's limit; torch accepts more but the loop may seed numpy too
 
 
@@ -407,7 +448,7 @@ def _value_problems(c: TrainConfig) -> list[str]:
     need(c.calibration_images >= 1, "calibration_images", "must be ≥ 1")
     need(c.cache_batch_size >= 1, "cache_batch_size", "must be ≥ 1")
     need(c.num_workers >= 0, "num_workers", "must be ≥ 0")
-    need(bool(_DEVICE_RE.match(c.device)), "device", "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    need(bool(DEVICE_RE.match(c.device)), "device", "must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     return p
 
 
@@ -417,7 +458,26 @@ def _path_problems(c: TrainConfig) -> list[str]:
         p.append(f"dataset_dir={c.dataset_dir!r} is not an existing folder")
     if not Path(c.base_checkpoint).is_file():
         p.append(f"base_checkpoint={c.base_checkpoint!r} is not an existing file")
-    job = Path(c.job_dir)
-    if job.exists() and not job.is_dir():
-        p.append(f"job_dir={c.job_dir!r} exists and is not a folder")
+    problem = folder_problem(Path(c.job_dir))
+    if problem:
+        p.append(f"job_dir={c.job_dir!r} {problem}")
     return p
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why `path` cannot be (or become) a folder to write in, without creating anything; None when it can.
+
+    Looks at `path` or, when it does not exist yet, at its nearest existing parent: that must be a folder this
+    process may create entries in (`os.access`, which cannot see every reason, e.g. for root; the command line
+    also tries a real write before anything expensive).
+    """
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "exists and" if existing == path else f"cannot be created: {str(existing)!r}"
+        return f"{where} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return ("is not writable" if existing == path else
+                f"cannot be created: {str(existing)!r} is not writable")
+    return None

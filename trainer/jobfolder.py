@@ -9,6 +9,7 @@
     <job>/cache/             latent cache (trainer.latent_cache)
     <job>/checkpoints/       checkpoints and train state
     <job>/previews/          preview grids
+    <job>/stop.request       written by the job manager: the pid of the trainer that should save and stop
 
 Nothing here lives only in a process's memory, so a reloaded page or a restarted WebUI re-attaches by reading
 the folder (anchors-training.md, complaint 6).
@@ -124,6 +125,7 @@ class JobFolder:
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     previews_dir = property(lambda self: self.path / "previews")
     cache_dir = property(lambda self: self.path / "cache")
+    stop_request_path = property(lambda self: self.path / "stop.request")
 
     def create(self) -> JobFolder:
         """Make the folder and its sub-folders (idempotent)."""
@@ -165,6 +167,23 @@ class JobFolder:
             return dataclasses.replace(status, state=JobState.INTERRUPTED,
                                        message=f"process {status.pid} ended without a final status")
         return status
+
+    # --- stop requests (a signal-free stop that works on Windows too; the trainer polls it)
+
+    def request_stop(self, pid: int) -> None:
+        """Ask the trainer process `pid` of this job to save a checkpoint and stop."""
+        atomic_write_text(self.stop_request_path, f"{pid}\n")
+
+    def stop_requested(self, pid: int) -> bool:
+        """Whether a stop was requested for process `pid` (a file naming another pid is left over from an earlier
+        run and ignored)."""
+        try:
+            return self.stop_request_path.read_text(encoding="utf-8").strip() == str(pid)
+        except (FileNotFoundError, UnicodeDecodeError):
+            return False
+
+    def clear_stop_request(self) -> None:
+        self.stop_request_path.unlink(missing_ok=True)
 
     # --- events
 
@@ -279,11 +298,30 @@ def tick_labels(ticks: Sequence[float]) -> list[str]:
     return [f"{t:.{decimals}f}" for t in ticks]
 
 
+def _bundled_ttf() -> str | None:
+    """A TrueType font that ships with matplotlib (gradio's dependency, so in every WebUI venv), found without
+    importing matplotlib."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "mpl-data", "fonts", "ttf", "DejaVuSans.ttf")
+    return path if os.path.isfile(path) else None
+
+
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or without FreeType: bitmap font
-        return ImageFont.load_default()
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 (WebUI 1.10.1 pins 9.5) has no sized default font
+        pass
+    ttf = _bundled_ttf()
+    if ttf is not None:
+        try:
+            return ImageFont.truetype(ttf, size)
+        except (OSError, ImportError):  # Pillow without FreeType
+            pass
+    return ImageFont.load_default()  # a small bitmap font: still readable, not at this size
 
 
 def _loss_points(events: Iterable[Mapping[str, Any]]) -> tuple[list[float], list[float]]:
@@ -300,21 +338,31 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))]
 
 
+# (background, axis, grid, text, raw points, smoothed line) per theme; both keep the text at ≥ 7:1 contrast.
+PLOT_THEMES = {
+    "light": ((255, 255, 255), (60, 60, 60), (232, 232, 232), (33, 33, 33), (160, 190, 230), (25, 90, 180)),
+    "dark": ((24, 24, 27), (190, 190, 190), (58, 58, 64), (235, 235, 235), (70, 100, 150), (110, 170, 255)),
+}
+
+
 def render_loss_plot(events: Iterable[Mapping[str, Any]], *, width: int = 800, height: int = 400,
-                     smoothing: float | None = None) -> bytes:
+                     smoothing: float | None = None, theme: str = "light") -> bytes:
     """PNG of loss against step: raw points, smoothed curve, axes with round ticks; drawn 2× then downsampled.
 
-    `smoothing`: EMA weight of the curve; default adapts to the run length.
+    `smoothing`: EMA weight of the curve; default adapts to the run length. `theme`: "light" or "dark". Text is
+    sized for the image shown at its own size (at least 13 px labels at 800 px wide).
     """
+    if theme not in PLOT_THEMES:
+        raise ValueError(f"theme={theme!r} is not one of {', '.join(PLOT_THEMES)}")
     s = 2  # supersampling factor: PIL draws aliased lines
     W, H = width * s, height * s
-    img = Image.new("RGB", (W, H), (255, 255, 255))
+    background, axis, grid, text, raw_colour, line_colour = PLOT_THEMES[theme]
+    img = Image.new("RGB", (W, H), background)
     draw = ImageDraw.Draw(img)
-    font, small = _font(13 * s), _font(11 * s)
-    left, right, top, bottom = 70 * s, 20 * s, 34 * s, 46 * s
+    scale = max(1.0, width / 800)
+    font, small = _font(round(16 * scale) * s), _font(round(14 * scale) * s)
+    left, right, top, bottom = round(78 * scale) * s, 20 * s, round(40 * scale) * s, round(52 * scale) * s
     x0, x1, y0, y1 = left, W - right, top, H - bottom
-    axis, grid, text = (60, 60, 60), (232, 232, 232), (40, 40, 40)
-    raw_colour, line_colour = (160, 190, 230), (25, 90, 180)
 
     steps, losses = _loss_points(events)
     draw.text((x0, 10 * s), "training loss", fill=text, font=font)

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import struct
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from gcfg_core.configs import SCALE_FACTOR
 from gcfg_core.fileio import atomic_path, atomic_write_text
 from trainer.config import ResizePolicy
 from trainer.data import DatasetScan, ImageDataset
+from trainer.progress import ConsoleProgress
 
 log = logging.getLogger("gcfg.trainer.latent_cache")
 
@@ -312,15 +311,14 @@ def build_latent_cache(
     done = sum(min(SHARD_SIZE, num_images - s * SHARD_SIZE) for s in finished)
     if finished:
         log.info("resuming latent cache build in %s: %d of %d images already encoded", cache_dir, done, num_images)
-    bar = tqdm(total=num_images, initial=done, desc="Caching latents", unit="img", file=sys.stderr,
-               disable=not progress)
+    bar = ConsoleProgress(num_images, initial=done, desc="caching latents", unit="images", enabled=progress)
     if progress_callback is not None:
         progress_callback(done, num_images)
 
     def on_batch(n: int) -> None:
         nonlocal done
         done += n
-        bar.update(n)
+        bar.update(done)
         if progress_callback is not None:
             progress_callback(done, num_images)
 

@@ -43,7 +43,7 @@ from gcfg_core.fileio import atomic_path, atomic_write_text
 from gcfg_core.models import load_sd_checkpoint
 from gcfg_core.nulltext import calibrate_nulltext, convert_to_nulltext
 from trainer import checkpoints
-from trainer.config import LRSchedule, Optimizer, TrainConfig
+from trainer.config import LRSchedule, Optimizer, TrainConfig, check_resume_length
 from trainer.data import scan_dataset
 from trainer.distributed import JobReporter, make_accelerator, release_accelerator, resolve_device
 from trainer.jobfolder import JobFolder, JobState
@@ -56,6 +56,7 @@ from trainer.latent_cache import (
     vae_moments_fn,
 )
 from trainer.preflight import check_mixed_precision, preflight_job
+from trainer.progress import ConsoleProgress
 
 log = logging.getLogger("gcfg.trainer.loop")
 
@@ -230,8 +231,58 @@ class EMA:
                     params[n].copy_(value)
 
 
+FUSED, FOREACH, PLAIN = "fused", "foreach", "plain"
+_ADAMW_FLAGS = {FUSED: {"fused": True}, FOREACH: {"foreach": True}, PLAIN: {"foreach": False}}
+# Exceptions by which an AdamW refuses an implementation: RuntimeError (torch 2.1: "`fused=True` requires all the
+# params to be ... of supported devices: ['cuda', ...]"), TypeError (a torch without the keyword), NotImplementedError
+# (no kernel for this device at step time), ValueError (argument checks of other versions).
+_REFUSALS = (RuntimeError, TypeError, NotImplementedError, ValueError)
+
+
+def adamw_runs(adamw: type[torch.optim.Optimizer], device: torch.device, implementation: str) -> bool:
+    """Whether this torch's `adamw` builds and steps with `implementation` on `device` (probed on one element)."""
+    param = torch.zeros(1, device=device, requires_grad=True)
+    param.grad = torch.ones_like(param)
+    try:
+        adamw([param], lr=1e-3, **_ADAMW_FLAGS[implementation]).step()
+    except _REFUSALS:
+        return False
+    return True
+
+
+def choose_adamw(device_type: str, *, fused_runs: bool, foreach_runs: bool,
+                 foreach_devices: tuple[str, ...]) -> str:
+    """Fused (one kernel for all parameters) where it runs; else foreach where torch has native multi-tensor kernels
+    for the device (elsewhere, e.g. on the CPU, foreach is a loop with extra temporaries); else plain."""
+    if fused_runs:
+        return FUSED
+    if foreach_runs and device_type in foreach_devices:
+        return FOREACH
+    return PLAIN
+
+
+def _foreach_devices() -> tuple[str, ...]:
+    # torch's own list (torch 2.1 has it too); older versions had native foreach kernels on CUDA only.
+    try:
+        from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+    except ImportError:
+        return ("cuda",)
+    return tuple(_get_foreach_kernels_supported_devices())
+
+
+@functools.cache
+def adamw_implementation(device: torch.device, adamw: type[torch.optim.Optimizer] = torch.optim.AdamW) -> str:
+    """The AdamW implementation to use on `device` with this torch: probed, not assumed from the version.
+
+    torch 2.1 (the WebUI 1.10.1 venv) fuses on CUDA only and raises for any other parameter; later versions also
+    fuse on the CPU and on MPS.
+    """
+    return choose_adamw(device.type, fused_runs=adamw_runs(adamw, device, FUSED),
+                        foreach_runs=adamw_runs(adamw, device, FOREACH), foreach_devices=_foreach_devices())
+
+
 def build_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Fused AdamW (one kernel per step), or bitsandbytes' 8-bit AdamW when asked for."""
+    """AdamW in the fastest implementation this torch has for `device`, or bitsandbytes' 8-bit AdamW when asked."""
     kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                   weight_decay=config.weight_decay)
     if config.optimizer == Optimizer.ADAMW_8BIT:
@@ -241,7 +292,9 @@ def build_optimizer(params: list[nn.Parameter], config: TrainConfig, device: tor
             raise TrainingError("optimizer 'adamw8bit' needs the bitsandbytes package (pip install bitsandbytes); "
                                 "use optimizer 'adamw' or install it") from exc
         return bitsandbytes.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, fused=device.type in ("cuda", "cpu"), **kwargs)
+    implementation = adamw_implementation(device, torch.optim.AdamW)
+    log.info("AdamW: %s implementation (torch %s on %s)", implementation, torch.__version__, device)
+    return torch.optim.AdamW(params, **_ADAMW_FLAGS[implementation], **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -468,6 +521,9 @@ def train(config: TrainConfig, job: JobFolder, *, resume: bool = False, stop: St
     """Train (or resume) the concept UNet of `job` until `config.max_steps`, a stop request or a non-finite loss."""
     stop = stop or StopFlag()
     check_mixed_precision(config)  # Accelerate would otherwise fail mid-setup with a traceback
+    if resume:  # refused before anything is written (status.json would read "step 20 of 10")
+        newest = checkpoints.latest_checkpoint(job.checkpoints_dir)
+        check_resume_length(config, newest.step if newest is not None else 0)
     accelerator = make_accelerator(config)
     reporter = JobReporter(job, enabled=accelerator.is_main_process)  # only process 0 writes files
     with stop_on_signals(stop):
@@ -490,6 +546,9 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
     # Disk and memory are checked before anything expensive: inside `prepare` right after the dataset scan, or
     # here when the job was prepared before (a resume, `prepare` then `train`, the other processes of a launch).
     with accelerator.main_process_first():
+        if resume and accelerator.is_main_process:
+            # A crash mid-save may have left the newest step in a hidden folder: move it into place first.
+            checkpoints.recover_checkpoints(job.checkpoints_dir)
         prepared = read_prepared(job, config)
         if prepared is None:
             try:
@@ -546,6 +605,8 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
     last_checkpoint = checkpoint.path if checkpoint else None
     started = last_save = time.monotonic()
     start_step = step
+    console = ConsoleProgress(config.max_steps, initial=step, desc=f"training {config.name}", unit="step",
+                              enabled=progress)
     while step < config.max_steps:
         # 1) learning rate of this step, set by hand (nanoGPT style: the schedule is a pure function of the step)
         lr = lr_at(step, config)
@@ -569,6 +630,7 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
             log.error(message)
             reporter.event({"type": "error", "step": step + 1, "loss": str(loss_value), "message": message})
             reporter.update(JobState.FAILED, last_error=message, message="non-finite loss")
+            console.close()
             return TrainResult(JobState.FAILED, step, losses, last_checkpoint, message)
         # 3) clip, step, EMA
         grad_norm = None
@@ -589,6 +651,7 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
         eta = (config.max_steps - step) * config.batch_size / max(images_per_s, 1e-9)
         reporter.event({"type": "step", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                         "images_per_s": images_per_s})
+        console.update(step, loss=f"{loss_value:.4g}", **{"images/s": f"{images_per_s:.3g}"})
         stop_now = bool(accelerator.reduce(torch.tensor(float(stop.is_set()), device=device), reduction="sum") > 0)
         save_now = (step == config.max_steps or stop_now or _due(step, config.checkpoint_every_steps)
                     or (config.checkpoint_every_minutes > 0
@@ -608,6 +671,7 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
         if stop_now:
             break
 
+    console.close()
     accelerator.wait_for_everyone()
     if step >= config.max_steps:
         final, message = JobState.COMPLETED, f"completed {step} steps"

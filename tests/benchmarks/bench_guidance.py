@@ -27,7 +27,7 @@ from gcfg_core.configs import UNetConfig, sd1_alphas_cumprod  # noqa: E402
 from gcfg_core.denoiser import GCFGDenoiser, UNetDenoiser  # noqa: E402
 from gcfg_core.models import build_unet, dezero_  # noqa: E402
 from gcfg_core.nulltext import convert_to_nulltext, transformer_block_names  # noqa: E402
-from gcfg_core.terms import standard_plan  # noqa: E402
+from gcfg_core.plan import standard_plan  # noqa: E402
 
 CONFIG = UNetConfig(model_channels=64, context_dim=768)
 LATENT = (1, 4, 32, 32)

@@ -35,7 +35,7 @@ def make_inputs(workdir: Path) -> tuple[Path, Path]:
     if not checkpoint.exists():
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         save_sd_checkpoint(random_sd_model(TINY, seed=0), checkpoint)
-    dataset = workdir / "datasets" / "tiny16"
+    dataset = workdir / "GCFG-datasets" / "tiny16"  # the allowed dataset folder of a WebUI whose data dir is workdir
     dataset.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for i in range(16):

@@ -31,7 +31,7 @@ async function jobRow(page, jobName) {
 }
 
 async function waitForRow(page, jobName, predicate, what, timeout) {
-    const deadline = Date.now() + timeout;
+    const deadline = timeout > 0 ? Date.now() + timeout : Infinity;
     let last = null;
     while (Date.now() < deadline) {
         last = await jobRow(page, jobName);
@@ -44,4 +44,44 @@ async function waitForRow(page, jobName, predicate, what, timeout) {
     throw new Error(`timed out waiting for ${what}; last row: ${last && last.text}`);
 }
 
-module.exports = { log, launch, fill, jobRow, waitForRow };
+// Every console error and uncaught page error, collected for a check at the end. Requests to other hosts (the
+// theme's web fonts) are answered empty here: this machine has no network, and their failures are not the page's.
+function watchErrors(page) {
+    page.route(/^https?:\/\/(?!127\.0\.0\.1[:/]|localhost[:/])/, (route) => route.fulfill({ status: 200, body: "" }));
+    const errors = [];
+    page.on("console", (message) => {
+        if (message.type() === "error") {
+            errors.push(`console: ${message.text()}`);
+        }
+    });
+    page.on("pageerror", (error) => errors.push(`page error: ${error.message}`));
+    page.on("response", (response) => {
+        if (response.status() >= 500) {
+            errors.push(`HTTP ${response.status()}: ${response.request().method()} ${response.url()}`);
+        }
+    });
+    return errors;
+}
+
+// One-line values must be <input> boxes, not resizable text areas.
+async function checkSingleLine(page, elemIds) {
+    for (const elemId of elemIds) {
+        const inputs = await page.locator(`#${elemId} input[type="text"]`).count();
+        const areas = await page.locator(`#${elemId} textarea`).count();
+        if (inputs !== 1 || areas !== 0) {
+            throw new Error(`#${elemId}: ${inputs} one-line input(s), ${areas} text area(s); want one input`);
+        }
+    }
+    log("one-line inputs:", elemIds.join(", "));
+}
+
+// The line under the job buttons: {state, text} (state from its data-state attribute, "" when empty).
+async function statusLine(page) {
+    const box = page.locator("#gcfg_train_action_message [data-state]").first();
+    if (await box.count() === 0) {
+        return { state: "", text: (await page.locator("#gcfg_train_action_message").first().innerText()).trim() };
+    }
+    return { state: await box.getAttribute("data-state"), text: (await box.innerText()).trim() };
+}
+
+module.exports = { log, launch, fill, jobRow, waitForRow, watchErrors, checkSingleLine, statusLine };

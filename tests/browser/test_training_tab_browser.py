@@ -1,5 +1,6 @@
-"""Browser test of the "GCFG Training" tab: headless Chromium (playwright-core, driven by node) creates a tiny job
-on the tab served by gradio 3.41 against the fake WebUI host, watches its progress move, screenshots, cancels it.
+"""Browser test of the "GCFG Training" tab: headless Chromium (playwright-core, driven by node) on the tab served by
+gradio 3.41 against the fake WebUI host: no console or page error, one-line values in one-line inputs, a tiny job
+that trains, stops, resumes and completes while the status line follows it, screenshots (light and dark), delete.
 
 Skipped unless `node`, a Chromium binary (env CHROMIUM, else `chromium` on PATH) and the npm package
 playwright-core (found through env NODE_PATH, e.g. NODE_PATH=/opt/tools/node_modules) are all available. Screenshots
@@ -13,10 +14,10 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from waiting import BACKSTOP_S
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
@@ -29,7 +30,7 @@ def _chromium() -> str | None:
 
 def _playwright_available(node: str) -> bool:
     result = subprocess.run([node, "-e", "require.resolve('playwright-core')"], capture_output=True,
-                            env=os.environ.copy(), timeout=30)
+                            env=os.environ.copy(), timeout=BACKSTOP_S)
     return result.returncode == 0
 
 
@@ -54,7 +55,7 @@ def browser_tools():
 
 
 @pytest.mark.slow
-def test_create_watch_progress_and_cancel_in_a_browser(browser_tools, tmp_path):
+def test_train_stop_resume_complete_in_a_browser_without_page_errors(browser_tools, tmp_path):
     node, chromium = browser_tools
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -62,29 +63,28 @@ def test_create_watch_progress_and_cancel_in_a_browser(browser_tools, tmp_path):
                                str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output: list[str] = []
     try:
-        deadline = time.monotonic() + 120
         ready = None
-        while ready is None:
+        while ready is None:  # readline blocks until the server says READY or ends
             line = server.stdout.readline()
             if not line:
                 pytest.fail("the tab server ended:\n" + "".join(output))
             output.append(line)
             if line.startswith("READY "):
                 ready = line.split()
-            assert time.monotonic() < deadline, "".join(output)
         url, dataset = ready[1], ready[2].removeprefix("dataset=")
         shots = Path(os.environ.get("GCFG_SCREENSHOT_DIR", tmp_path))
         shots.mkdir(parents=True, exist_ok=True)
         screenshot = shots / "training-tab-browser-test.png"
         result = subprocess.run([node, str(HERE / "training_tab.cjs"), url, dataset, str(screenshot)],
-                                capture_output=True, text=True, timeout=400, env={**env, "CHROMIUM": chromium})
+                                capture_output=True, text=True, timeout=BACKSTOP_S,
+                                env={**env, "CHROMIUM": chromium, "TIMEOUT_MS": str(int(BACKSTOP_S * 1000))})
         assert result.returncode == 0, result.stdout + result.stderr
         assert "OK" in result.stdout.splitlines()[-1]
         assert screenshot.stat().st_size > 10_000
     finally:
         server.terminate()
         try:
-            server.communicate(timeout=60)
+            server.communicate(timeout=BACKSTOP_S)
         except subprocess.TimeoutExpired:
             server.kill()
             server.communicate()

@@ -25,6 +25,7 @@ import json
 import os
 
 import pytest
+from waiting import BACKSTOP_S
 from webui_responses import max_difference, ok, pixels
 
 URL = os.environ.get("GCFG_WEBUI_URL_CN", "")
@@ -44,7 +45,7 @@ TOLERANCE = 1
 def client():
     httpx = pytest.importorskip("httpx")
     auth = tuple(API_AUTH.split(":", 1)) if API_AUTH else None
-    with httpx.Client(base_url=URL, timeout=900, auth=auth) as session:
+    with httpx.Client(base_url=URL, timeout=BACKSTOP_S, auth=auth) as session:
         yield session
 
 

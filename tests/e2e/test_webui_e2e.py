@@ -28,6 +28,7 @@ import json
 import os
 
 import pytest
+from waiting import BACKSTOP_S
 from webui_responses import max_difference, ok, pixels
 
 pytestmark = [pytest.mark.webui, pytest.mark.skipif(not os.environ.get("GCFG_WEBUI_DIR"),
@@ -49,7 +50,7 @@ needs_prior = pytest.mark.skipif(not PRIOR, reason="GCFG_E2E_PRIOR not set")
 def client():
     httpx = pytest.importorskip("httpx")
     auth = tuple(API_AUTH.split(":", 1)) if API_AUTH else None
-    with httpx.Client(base_url=URL, timeout=600, auth=auth) as session:
+    with httpx.Client(base_url=URL, timeout=BACKSTOP_S, auth=auth) as session:
         yield session
 
 
@@ -143,9 +144,10 @@ def test_numeric_negative_scale_equal_to_one_minus_cfg_is_classic(client):
     assert rows(client) == [{"webui": 2.0}]
 
 
-@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM", "DDIM CFG++"])
 @pytest.mark.parametrize("negative", ["", "ugly"])
 def test_extra_term_equals_the_same_and_prompt(client, sampler, negative):
+    """`+2 a dog` is the AND prompt `a dog :2/5` at CFG 5, on DDIM CFG++ too (its CFG scale ÷ 12.5 scales both)."""
     fused = ok(txt2img(client, [False], prompt="a cat AND a dog :0.4", negative_prompt=negative, sampler_name=sampler))
     term = ok(txt2img(client, [{"enabled": True, "terms": "+2 a dog"}], negative_prompt=negative,
                       sampler_name=sampler))
@@ -156,7 +158,13 @@ def test_extra_term_equals_the_same_and_prompt(client, sampler, negative):
 
 # --- the prior -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M", "Heun", "DDIM", "DDIM CFG++", "PLMS", "UniPC"])
+# The samplers the README lists as tested: first order, ancestral, multistep, second order (Heun, DPM2 a), adaptive,
+# restart, and the timesteps family with CFG++'s rescaled CFG.
+TESTED_SAMPLERS = ["Euler", "Euler a", "DPM++ 2M", "Heun", "DPM2 a", "DPM adaptive", "Restart", "DDIM", "DDIM CFG++",
+                   "PLMS", "UniPC"]
+
+
+@pytest.mark.parametrize("sampler", TESTED_SAMPLERS)
 def test_prior_equal_to_the_main_checkpoint_reproduces_the_webui_uncond(client, main_model, sampler):
     off = ok(txt2img(client, [False], sampler_name=sampler))
     on = ok(txt2img(client, [{"enabled": True, "prior": main_model}], sampler_name=sampler))
@@ -338,8 +346,8 @@ def test_script_info_has_meaningful_labels_in_argument_order(client):
     for entry in entries:
         assert entry["is_alwayson"]
         labels = [arg["label"] for arg in entry["args"]]
-        assert len(labels) == 6 and len(set(labels)) == 6 and all(labels)
-        assert [arg["value"] for arg in entry["args"]] == [False, "None", "None", 2.5, "classic", ""]
+        assert len(labels) == 7 and len(set(labels)) == 7 and all(labels)
+        assert [arg["value"] for arg in entry["args"]] == [False, "None", "None", 2.5, "classic", "", "empty"]
         assert entry["args"][1]["choices"][0] == "None" and len(entry["args"][1]["choices"]) > 1
         assert "Prior" in labels[1] and "Concept" in labels[2] and "weight" in labels[3]
 
@@ -358,9 +366,81 @@ def test_routes_list_models_and_validate_terms(client):
 @pytest.mark.skipif(not API_AUTH, reason="GCFG_E2E_API_AUTH not set (WebUI without --api-auth)")
 def test_routes_need_the_api_auth_credentials_like_the_webui_routes(client):
     httpx = pytest.importorskip("httpx")
-    with httpx.Client(base_url=URL, timeout=60) as anonymous:
+    with httpx.Client(base_url=URL, timeout=BACKSTOP_S) as anonymous:
         assert anonymous.get("/gcfg/v1/priors").status_code == 401
         assert anonymous.get("/sdapi/v1/sd-models").status_code == 401
         user, _, _ = API_AUTH.partition(":")
         assert anonymous.get("/gcfg/v1/priors", auth=(user, "wrong")).status_code == 401
     assert client.get("/gcfg/v1/priors").status_code == 200
+
+
+# --- coefficients decide what runs; routing; steps; refiner ---------------------------------------------------------
+
+@needs_prior
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_cfg_one_with_a_prior_runs_no_prior_rows(client, sampler):
+    """E₀'s coefficient is 1 − CFG = 0: neither the prior nor the WebUI's uncond row runs."""
+    off = ok(txt2img(client, [False], cfg_scale=1, sampler_name=sampler))
+    on = ok(txt2img(client, [{"enabled": True, "prior": PRIOR}], cfg_scale=1, sampler_name=sampler))
+    assert max_difference(on, off) <= TOLERANCE
+    assert rows(client) == [{"webui": 1.0}] and model_calls(client) == [{"main": 1.0}]
+
+
+@needs_prior
+def test_routing_opt_out_gives_the_same_image_on_the_overwrite_path(client):
+    args = [{"enabled": True, "prior": PRIOR, "terms": "+2 a dog"}]
+    routed = ok(txt2img(client, args))
+    assert last_run(client)["passes"][0]["path"] == "routed"
+    overwrite = ok(txt2img(client, args, override_settings={"gcfg_routing": False}))
+    run = last_run(client)["passes"][0]
+    assert run["path"] == "overwrite" and run["routed_calls"] == 0
+    assert run["rows_per_call"] == {"webui": 2.0, "prior": 1.0, "main": 1.0}  # the WebUI's uncond row runs too
+    assert max_difference(overwrite, routed) <= TOLERANCE
+
+
+def test_windows_select_steps_by_sigma_on_a_second_order_sampler(client):
+    """Heun with 4 steps: 7 denoiser calls at σ0, σ1, σ1, σ2, σ2, σ3, σ3; a {0-0.5} term runs for steps 0-1 only,
+    the same steps the standalone sampler selects (`gcfg_core.denoiser.step_index`)."""
+    ok(txt2img(client, [{"enabled": True, "terms": "+1 {0-0.5} a dog"}], sampler_name="Heun", steps=4,
+               negative_prompt="ugly"))
+    run = last_run(client)["passes"][0]
+    assert run["steps"] == [0, 1, 1, 2, 2, 3, 3] and run["step_source"] == "schedule"
+    assert run["rows_per_call"]["main"] == pytest.approx(3 / 7)
+
+
+@needs_prior
+def test_an_sd1_refiner_re_encodes_the_current_models_terms(client):
+    """After the switch to the refiner the WebUI re-encodes its prompt; `+2 a dog` must follow it, so that it
+    still equals the AND prompt `a dog :0.4` run with the same refiner."""
+    refiner = {"refiner_checkpoint": PRIOR, "refiner_switch_at": 0.5, "steps": 4}
+    fused = ok(txt2img(client, [False], prompt="a cat AND a dog :0.4", negative_prompt="ugly", **refiner))
+    assert "Refiner" in infotext(fused)
+    term = ok(txt2img(client, [{"enabled": True, "terms": "+2 a dog"}], negative_prompt="ugly", **refiner))
+    assert max_difference(term, fused) <= TOLERANCE
+    ok(txt2img(client, [False]))  # the main model back for the next tests
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([{"enabled": True, "terms": "+1e30 a dog"}], "weight 1e+30 is outside [-30, 30]"),
+    ([{"enabled": True, "concept_weight": 1e30}], "1e+30 is outside [-30, 30]"),
+])
+def test_every_weight_is_range_checked_before_sampling(client, args, message):
+    bad = txt2img(client, args)
+    assert bad.status_code == 422 and message in bad.json()["detail"], bad.text[:300]
+
+
+def test_term_validation_warns_about_a_broken_window(client):
+    body = client.post("/gcfg/v1/terms/validate", json={"terms": "+1 {0.5- dog"}).json()
+    assert body["valid"] and body["warnings"][0]["column"] == 4
+
+
+@needs_prior
+def test_autoguidance_conditions_the_prior_on_the_prompt(client, main_model):
+    """`uncond_prompt: prompt`: E₀ is the prior with the generation's prompt; with the main checkpoint itself as
+    the prior the guidance difference vanishes and the image is the plain prompt's (CFG 1)."""
+    cfg_one = ok(txt2img(client, [False], cfg_scale=1))
+    same = ok(txt2img(client, [{"enabled": True, "prior": main_model, "uncond_prompt": "prompt"}], cfg_scale=6))
+    assert max_difference(same, cfg_one) <= TOLERANCE
+    weaker = ok(txt2img(client, [{"enabled": True, "prior": PRIOR, "uncond_prompt": "prompt"}]))
+    assert "GCFG uncond prompt: prompt" in infotext(weaker)
+    assert max_difference(weaker, ok(txt2img(client, [{"enabled": True, "prior": PRIOR}]))) > 0

@@ -19,6 +19,18 @@ class SdConditioning(list):
         self.width, self.height, self.is_negative_prompt = width, height, is_negative_prompt
 
 
+class DictWithShape(dict):
+    """SDXL conds: a dict of tensors whose `.shape` is the cross-attention context's (as in the WebUI)."""
+
+    def __init__(self, x, shape=None):
+        super().__init__()
+        self.update(x)
+
+    @property
+    def shape(self):
+        return self["crossattn"].shape
+
+
 class MulticondLearnedConditioning:
     def __init__(self, shape, batch):
         self.shape, self.batch = shape, batch
@@ -35,12 +47,18 @@ def _schedule(text, steps):
 
 
 def get_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_scheduling=False):
-    result = []
-    for prompt in prompts:
-        schedule = _schedule(prompt, hires_steps or steps)
-        conds = model.get_learned_conditioning([text for _, text in schedule])
-        result.append([ScheduledPromptConditioning(end, cond) for (end, _), cond in zip(schedule, conds, strict=False)])
-    return result
+    """As the WebUI: every distinct text of the batch's schedules encoded in one call, with the batch's
+    `SdConditioning` attributes (negative prompt, size), then one schedule per prompt."""
+    schedules = [_schedule(prompt, hires_steps or steps) for prompt in prompts]
+    texts = list(dict.fromkeys(text for schedule in schedules for _, text in schedule))
+    batch = SdConditioning(texts, is_negative_prompt=getattr(prompts, "is_negative_prompt", False),
+                           width=getattr(prompts, "width", None), height=getattr(prompts, "height", None))
+    conds = model.get_learned_conditioning(batch)
+    if isinstance(conds, dict):  # SDXL: one dict of rows per text
+        rows = {text: {key: value[i] for key, value in conds.items()} for i, text in enumerate(texts)}
+    else:
+        rows = {text: conds[i] for i, text in enumerate(texts)}
+    return [[ScheduledPromptConditioning(end, rows[text]) for end, text in schedule] for schedule in schedules]
 
 
 def _split_and(prompt):
@@ -55,7 +73,9 @@ def get_multicond_learned_conditioning(model, prompts, steps, hires_steps=None, 
     batch = []
     for prompt in prompts:
         parts = _split_and(prompt)
-        schedules = get_learned_conditioning(model, [text for text, _ in parts], steps, hires_steps)
+        texts = SdConditioning([text for text, _ in parts], width=getattr(prompts, "width", None),
+                               height=getattr(prompts, "height", None))
+        schedules = get_learned_conditioning(model, texts, steps, hires_steps)
         batch.append([ComposableScheduledPromptConditioning(s, w) for s, (_, w) in zip(schedules, parts, strict=False)])
     return MulticondLearnedConditioning(shape=(len(prompts),), batch=batch)
 
@@ -67,8 +87,14 @@ def _at_step(schedule, step):
     return schedule[-1].cond
 
 
+def _stack(rows):
+    if isinstance(rows[0], dict):
+        return DictWithShape({key: torch.stack([row[key] for row in rows]) for key in rows[0]})
+    return torch.stack(rows)
+
+
 def reconstruct_cond_batch(c, current_step):
-    return torch.stack([_at_step(schedule, current_step) for schedule in c])
+    return _stack([_at_step(schedule, current_step) for schedule in c])
 
 
 def reconstruct_multicond_batch(c, current_step):
@@ -79,4 +105,4 @@ def reconstruct_multicond_batch(c, current_step):
             entries.append((len(tensors), composable.weight))
             tensors.append(_at_step(composable.schedules, current_step))
         conds_list.append(entries)
-    return conds_list, torch.stack(tensors)
+    return conds_list, _stack(tensors)

@@ -1,9 +1,14 @@
 from modules import sd_samplers_common, sd_samplers_kdiffusion, sd_samplers_lcm, sd_samplers_timesteps
 
 all_samplers_map = {
-    "Euler": sd_samplers_common.SamplerData("Euler", lambda m: sd_samplers_kdiffusion.KDiffusionSampler("euler", m)),
+    "Euler": sd_samplers_common.SamplerData(
+        "Euler", lambda m: sd_samplers_kdiffusion.KDiffusionSampler("sample_euler", m)),
+    "Heun": sd_samplers_common.SamplerData(
+        "Heun", lambda m: sd_samplers_kdiffusion.KDiffusionSampler("sample_heun", m), second_order=True),
     "DDIM": sd_samplers_common.SamplerData("DDIM", lambda m: sd_samplers_timesteps.CompVisSampler("ddim", m)),
-    "LCM": sd_samplers_common.SamplerData("LCM", lambda m: sd_samplers_lcm.LCMSampler("lcm", m)),
+    "DDIM CFG++": sd_samplers_common.SamplerData(
+        "DDIM CFG++", lambda m: sd_samplers_timesteps.CompVisSampler("ddim_cfgpp", m)),
+    "LCM": sd_samplers_common.SamplerData("LCM", lambda m: sd_samplers_lcm.LCMSampler("sample_euler", m)),
 }
 
 

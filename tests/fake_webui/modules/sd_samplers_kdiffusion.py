@@ -1,5 +1,10 @@
-"""k-diffusion samplers: the inner model is `CompVisDenoiser(sd_model)`, outputs are denoised x0 (§3.1-3.2)."""
+"""k-diffusion samplers: the inner model is `CompVisDenoiser(sd_model)`, outputs are denoised x0 (§3.1-3.2).
 
+The sampling functions are k-diffusion's own (`sample_euler`, `sample_heun`: a second-order sampler whose
+corrector evaluates at the next σ), driven with the schedule `get_sigmas` returns, as the WebUI does.
+"""
+
+import inspect
 
 from gcfg_core.kdiff import k_diffusion_modules
 from modules import sd_samplers_cfg_denoiser, sd_samplers_common, shared
@@ -16,30 +21,31 @@ class CFGDenoiserKDiffusion(sd_samplers_cfg_denoiser.CFGDenoiser):
 class KDiffusionSampler(sd_samplers_common.Sampler):
     def __init__(self, funcname, sd_model, options=None):
         super().__init__(funcname)
+        self.func = getattr(k_diffusion_modules()[0], funcname)
         self.model_wrap_cfg = CFGDenoiserKDiffusion(self)
         self.model_wrap = self.model_wrap_cfg.inner_model
 
-    def _run(self, p, x, sigmas, conditioning, unconditional, image_conditioning):
-        self.initialize(p)
-        self.model_wrap_cfg.steps = len(sigmas) - 1
-        self.model_wrap_cfg.total_steps = len(sigmas) - 1
-        self.sampler_extra_args = {"cond": conditioning, "uncond": unconditional, "image_cond": image_conditioning,
-                                   "cond_scale": p.cfg_scale, "s_min_uncond": getattr(p, "s_min_uncond", 0.0)}
-        for i in range(len(sigmas) - 1):  # Euler
-            sigma = sigmas[i] * x.new_ones([x.shape[0]])
-            denoised = self.model_wrap_cfg(x, sigma, **self.sampler_extra_args)
-            x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-        return x
+    def get_sigmas(self, p, steps):
+        return self.model_wrap.get_sigmas(steps).cpu()
+
+    def _launch(self, steps, x, sigmas, extra):
+        parameters = inspect.signature(self.func).parameters
+        kwargs = {"sigmas": sigmas} if "sigmas" in parameters else {}
+        return self.launch_sampling(steps, lambda: self.func(self.model_wrap_cfg, x, extra_args=extra, disable=True,
+                                                             **kwargs))
 
     def sample(self, p, x, conditioning, unconditional, steps=None, image_conditioning=None):
-        sigmas = self.model_wrap.get_sigmas(steps or p.steps)
-        return self._run(p, x * sigmas[0], sigmas, conditioning, unconditional, image_conditioning)
+        steps = steps or p.steps
+        sigmas = self.get_sigmas(p, steps)
+        self.initialize(p)
+        extra = self.extra_args(p, conditioning, unconditional, image_conditioning)
+        return self._launch(steps, x * sigmas[0], sigmas, extra)
 
     def sample_img2img(self, p, x, noise, conditioning, unconditional, steps=None, image_conditioning=None):
-        steps = steps or p.steps
-        sigmas = self.model_wrap.get_sigmas(steps)[-(int(steps * p.denoising_strength) + 2):]
+        steps, t_enc = sd_samplers_common.setup_img2img_steps(p, steps)
+        sigmas = self.get_sigmas(p, steps)
+        sigma_sched = sigmas[steps - t_enc - 1:]
+        self.initialize(p)
         self.model_wrap_cfg.init_latent = x
-        return self._run(p, x + noise * sigmas[0], sigmas, conditioning, unconditional, image_conditioning)
-
-
-samplers = [("Euler", "sample_euler"), ("Heun", "sample_heun")]
+        extra = self.extra_args(p, conditioning, unconditional, image_conditioning)
+        return self._launch(t_enc + 1, x + noise * sigma_sched[0], sigma_sched, extra)

@@ -45,6 +45,8 @@ class Options:
 
 
 opts = Options()
-cmd_opts = SimpleNamespace(api_auth=None, lowvram=False, medvram=False, no_half=True, api=True)
+cmd_opts = SimpleNamespace(api_auth=None, lowvram=False, medvram=False, no_half=True, api=True, nowebui=False,
+                           gradio_auth=None, gradio_auth_path=None, listen=False, share=False, ngrok=None,
+                           server_name=None)
 state = SimpleNamespace(interrupted=False, skipped=False, sampling_step=0, sampling_steps=0)
 sd_model = None
