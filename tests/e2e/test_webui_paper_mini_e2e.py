@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from waiting import BACKSTOP_S
 from webui_responses import ok, pixels
 
 MODELS = os.environ.get("GCFG_E2E_PAPER_MINI", "")
@@ -42,7 +43,7 @@ REQUEST = {"prompt": PROMPT, "negative_prompt": "", "steps": 10, "width": 64, "h
 def client():
     httpx = pytest.importorskip("httpx")
     auth = tuple(API_AUTH.split(":", 1)) if API_AUTH else None
-    with httpx.Client(base_url=URL, timeout=600, auth=auth) as session:
+    with httpx.Client(base_url=URL, timeout=BACKSTOP_S, auth=auth) as session:
         yield session
 
 
