@@ -80,27 +80,33 @@ class Plan:
     base_images: int = 12000
     concept_images: int = 3000
     eval_images: int = 2000
+    # Sized for a shared 2-core CPU where one training step of batch 32 takes ~4 s and one 25-step image ~3 s
+    # (the first plan, 3000 base steps and 800 per fine-tune, would have taken about 8 hours there): see the README.
     vae: train.VAESettings = train.VAESettings()
-    decoder: train.DecoderSettings = train.DecoderSettings()
-    base: train.UNetSettings = train.UNetSettings(steps=3000, batch_size=32, learning_rate=4e-4, warmup=200,
-                                                  ema_decay=0.999, uncond_probability=0.1)
-    finetune: train.UNetSettings = train.UNetSettings(seed=1, steps=800, batch_size=32, learning_rate=1e-4,
-                                                      warmup=50, uncond_probability=0.0,
-                                                      snapshot_steps=(100, 200, 400, 800))
-    dreambooth: train.UNetSettings = train.UNetSettings(seed=2, steps=800, batch_size=32, learning_rate=1e-4,
-                                                        warmup=50, uncond_probability=0.0)
-    concept_steps: int = 800  # same steps, batch and learning rate as the fine-tunes
+    decoder: train.DecoderSettings = train.DecoderSettings(steps=350)
+    # No EMA for a run this short: a 0.999 average would still hold 0.999^500 = 61 % of the initialisation.
+    base: train.UNetSettings = train.UNetSettings(steps=500, batch_size=32, learning_rate=4e-4, warmup=200,
+                                                  ema_decay=0.0, uncond_probability=0.1)
+    finetune: train.UNetSettings = train.UNetSettings(seed=1, steps=150, batch_size=32, learning_rate=3e-4,
+                                                      warmup=20, uncond_probability=0.0, save_every=50,
+                                                      snapshot_steps=(50, 150))
+    dreambooth: train.UNetSettings = train.UNetSettings(seed=2, steps=150, batch_size=32, learning_rate=3e-4,
+                                                        warmup=20, uncond_probability=0.0, save_every=50)
+    concept_steps: int = 150  # same steps, batch and learning rate as the fine-tunes
     concept_batch: int = 32
-    concept_learning_rate: float = 1e-4
+    concept_learning_rate: float = 3e-4
     text_seed: int = 0
-    base_eval_seeds: int = 2  # per open-world caption (72 captions)
-    table_seeds: int = 12  # per control prompt
-    uncond_seeds: int = 96
+    base_eval_stride: int = 5  # every 5th of the 72 open-world captions (15: every colour, shape and background)
+    base_eval_seeds: int = 3  # per caption
+    table_seeds: int = 4  # per control prompt (8 prompts)
+    uncond_seeds: int = 32
     cfg_scale: float = 2.5  # the paper's w_control
     concept_weight: float = 2.5  # the paper's w_concept
-    sweep_seeds: int = 6
-    sweep_weights: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
-    sweep_cfg: tuple[float, ...] = (1.5, 2.5, 4.0)
+    sweep_seeds: int = 3
+    sweep_prompts: int = 4  # the first of each colour's two control prompts, alternating backgrounds
+    sweep_weights: tuple[float, ...] = (2.25, 2.5, 2.75)
+    sweep_cfg: tuple[float, ...] = (2.25, 2.5, 2.75)
+    sweep_rows: tuple[str, ...] = ("finetune_cfg", "finetune_prior")  # the other rows swept over the CFG scale
     grid_seeds: int = 4
     seed0: int = 1000
 
@@ -113,8 +119,9 @@ class Plan:
                    finetune=train.UNetSettings(seed=1, steps=20, batch_size=16, uncond_probability=0.0,
                                                snapshot_steps=(10, 20), **tiny),
                    dreambooth=train.UNetSettings(seed=2, steps=20, batch_size=16, uncond_probability=0.0, **tiny),
-                   concept_steps=20, concept_batch=16, base_eval_seeds=1, table_seeds=2, uncond_seeds=8,
-                   sweep_seeds=2, sweep_weights=(1.0, 2.5), sweep_cfg=(2.5,), grid_seeds=2)
+                   concept_steps=20, concept_batch=16, base_eval_stride=12, base_eval_seeds=1, table_seeds=2,
+                   uncond_seeds=8, sweep_seeds=2, sweep_prompts=2, sweep_weights=(1.0, 2.5), sweep_cfg=(2.5,),
+                   grid_seeds=2)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -216,9 +223,9 @@ def concept_readings(ctx: Context) -> list[detect.Reading]:
 
 
 def load_vae(ctx: Context):
-    """The VAE: with the decoder trained further (stage `decoder`) once that stage is done."""
+    """The VAE: with the decoder trained further once stage `decoder` has trained it (its check may still run)."""
     final = ctx.path("vae-final.safetensors")
-    path = final if final.is_file() and (ctx.cache / "decoder.done.json").is_file() else ctx.path("vae.safetensors")
+    path = final if final.is_file() else ctx.path("vae.safetensors")
     return build_vae(arch.PAPER_MINI.vae, load_file(str(path))).eval()
 
 
@@ -259,7 +266,10 @@ def vae_round_trips(ctx: Context, vae) -> dict:
 def stage_decoder(ctx: Context) -> dict:
     vae = build_vae(arch.PAPER_MINI.vae, load_file(str(ctx.path("vae.safetensors")))).eval()
     train.train_decoder(ctx.path("decoder"), ctx.plan.decoder, vae)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(ctx.path("vae-final.safetensors")))
+    final = ctx.path("vae-final.safetensors")
+    partial = final.with_suffix(".partial")
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(partial))
+    partial.replace(final)  # `load_vae` takes it as soon as it exists: never half-written
     return {"final_l1_per_value": train.mean_tail(train.log_records(ctx.path("decoder")), "l1_per_value"),
             **vae_round_trips(ctx, vae)}
 
@@ -336,13 +346,13 @@ def open_world_scenes() -> list[world.Scene]:
             for shape in world.SHAPES for colour in world.OBJECT_COLOURS for background in world.BACKGROUNDS]
 
 
-def base_eval(ctx: Context, key: str, cfg_scales: tuple[float, ...] = (1.0, 2.5, 5.0)) -> dict:
-    """Caption adherence of a model on every full caption of the open world (72), a few seeds each."""
+def base_eval(ctx: Context, key: str, cfg_scales: tuple[float, ...] = (2.5,)) -> dict:
+    """Caption adherence of a model on full captions of the open world (every `base_eval_stride`-th of 72)."""
     models, result = ctx.models(key), {}
     seeds = range(ctx.plan.seed0, ctx.plan.seed0 + ctx.plan.base_eval_seeds)
     for cfg in cfg_scales:
         readings, prompted = [], []
-        for scene in open_world_scenes():
+        for scene in open_world_scenes()[::ctx.plan.base_eval_stride]:
             readings.extend(detect.read_images(evaluate.sample(models, evaluate.Setup(key), world.caption(scene), cfg,
                                                                seeds)))
             prompted.extend([scene] * len(seeds))
@@ -476,11 +486,12 @@ def uncond_key(setup: evaluate.Setup) -> str:
     return setup.prior or setup.main
 
 
-def measure(ctx: Context, setup: evaluate.Setup, cfg: float, seeds: int, concept, scale, concept_ref) -> dict:
-    """Adherence and fidelity of one setup over every control prompt; also returns the images [P, S, ...]."""
+def measure(ctx: Context, setup: evaluate.Setup, cfg: float, seeds: int, concept, scale, concept_ref,
+            prompts: list[tuple[str, str, str]] | None = None) -> dict:
+    """Adherence and fidelity of one setup over the control prompts (default: all); also returns the images."""
     models = ctx.models(*{setup.main, uncond_key(setup)})
     per_prompt, all_readings, images = {}, [], []
-    for text, colour, background in control_prompts():
+    for text, colour, background in prompts or control_prompts():
         batch = evaluate.sample(models, setup, text, cfg, range(ctx.plan.seed0, ctx.plan.seed0 + seeds), concept)
         readings = detect.read_images(batch)
         per_prompt[text] = evaluate.adherence(readings, colour, background)
@@ -539,27 +550,36 @@ def stage_table(ctx: Context) -> dict:
             "sampler": f"{evaluate.SAMPLER}, {evaluate.STEPS} steps"}
 
 
+def sweep_prompts(count: int) -> list[tuple[str, str, str]]:
+    """`count` control prompts, one per colour first, the backgrounds alternating."""
+    by_colour = [[p for p in control_prompts() if p[1] == colour] for colour in CONTROL_COLOURS]
+    ordered = [prompts[i % len(prompts)] for i, prompts in enumerate(by_colour)]
+    ordered += [p for p in control_prompts() if p not in ordered]
+    return ordered[:count]
+
+
 def stage_sweep(ctx: Context) -> dict:
     plan = ctx.plan
     scale, concept_ref, concept = feature_scale(ctx), concept_readings(ctx), concept_unet(ctx)
+    prompts = sweep_prompts(plan.sweep_prompts)
     cells = []
     for weight in plan.sweep_weights:
         for cfg in plan.sweep_cfg:
             setup = evaluate.Setup("base", prior="base", concept_weight=weight)
-            result = measure(ctx, setup, cfg, plan.sweep_seeds, concept, scale, concept_ref)
+            result = measure(ctx, setup, cfg, plan.sweep_seeds, concept, scale, concept_ref, prompts)
             result.pop("_images")
             result.pop("per_prompt")
             cells.append({"row": "base_concept", "concept_weight": weight, "cfg_scale": cfg, **result})
             log.info("sweep w=%g cfg=%g: %s", weight, cfg, {k: round(v, 3) for k, v in result.items()})
     for key, _, setup in ROWS:
-        if setup.concept_weight:
+        if key not in plan.sweep_rows:
             continue
         for cfg in plan.sweep_cfg:
-            result = measure(ctx, setup, cfg, plan.sweep_seeds, concept, scale, concept_ref)
+            result = measure(ctx, setup, cfg, plan.sweep_seeds, concept, scale, concept_ref, prompts)
             result.pop("_images")
             result.pop("per_prompt")
             cells.append({"row": key, "concept_weight": 0.0, "cfg_scale": cfg, **result})
-    return {"cells": cells, "seeds_per_prompt": plan.sweep_seeds}
+    return {"cells": cells, "seeds_per_prompt": plan.sweep_seeds, "prompts": [p for p, _, _ in prompts]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -658,12 +678,13 @@ STAGE_SETTINGS = {
     "vae": lambda p: dataclasses.asdict(p.vae),
     "latents": lambda p: [p.base_images, p.concept_images],
     "decoder": lambda p: dataclasses.asdict(p.decoder),
-    "base": lambda p: [dataclasses.asdict(p.base), p.text_seed, p.base_eval_seeds],
-    "finetune": lambda p: [dataclasses.asdict(p.finetune), p.uncond_seeds, p.base_eval_seeds],
-    "dreambooth": lambda p: [dataclasses.asdict(p.dreambooth), p.base_eval_seeds],
+    "base": lambda p: [dataclasses.asdict(p.base), p.text_seed, p.base_eval_seeds, p.base_eval_stride],
+    "finetune": lambda p: [dataclasses.asdict(p.finetune), p.uncond_seeds, p.base_eval_seeds, p.base_eval_stride],
+    "dreambooth": lambda p: [dataclasses.asdict(p.dreambooth), p.base_eval_seeds, p.base_eval_stride],
     "concept": lambda p: [p.concept_steps, p.concept_batch, p.concept_learning_rate],
     "table": lambda p: [p.table_seeds, p.uncond_seeds, p.cfg_scale, p.concept_weight, p.grid_seeds, p.seed0],
-    "sweep": lambda p: [p.sweep_seeds, list(p.sweep_weights), list(p.sweep_cfg), p.seed0],
+    "sweep": lambda p: [p.sweep_seeds, p.sweep_prompts, list(p.sweep_weights), list(p.sweep_cfg),
+                        list(p.sweep_rows), p.seed0],
     "docs": lambda p: [],
 }
 
