@@ -86,23 +86,23 @@ class Plan:
     decoder: train.DecoderSettings = train.DecoderSettings(steps=350)
     # No EMA for a run this short: a 0.999 average would still hold 0.999^500 = 61 % of the initialisation.
     base: train.UNetSettings = train.UNetSettings(steps=500, batch_size=32, learning_rate=4e-4, warmup=200,
-                                                  ema_decay=0.0, uncond_probability=0.1)
-    finetune: train.UNetSettings = train.UNetSettings(seed=1, steps=150, batch_size=32, learning_rate=3e-4,
+                                                  ema_decay=0.0, uncond_probability=0.1, save_every=50)
+    finetune: train.UNetSettings = train.UNetSettings(seed=1, steps=100, batch_size=32, learning_rate=3e-4,
                                                       warmup=20, uncond_probability=0.0, save_every=50,
-                                                      snapshot_steps=(50, 150))
-    dreambooth: train.UNetSettings = train.UNetSettings(seed=2, steps=150, batch_size=32, learning_rate=3e-4,
+                                                      snapshot_steps=(50, 100))
+    dreambooth: train.UNetSettings = train.UNetSettings(seed=2, steps=100, batch_size=32, learning_rate=3e-4,
                                                         warmup=20, uncond_probability=0.0, save_every=50)
-    concept_steps: int = 150  # same steps, batch and learning rate as the fine-tunes
+    concept_steps: int = 100  # same steps, batch and learning rate as the fine-tunes
     concept_batch: int = 32
     concept_learning_rate: float = 3e-4
     text_seed: int = 0
     base_eval_stride: int = 5  # every 5th of the 72 open-world captions (15: every colour, shape and background)
-    base_eval_seeds: int = 3  # per caption
+    base_eval_seeds: int = 2  # per caption
     table_seeds: int = 4  # per control prompt (8 prompts)
-    uncond_seeds: int = 32
+    uncond_seeds: int = 24
     cfg_scale: float = 2.5  # the paper's w_control
     concept_weight: float = 2.5  # the paper's w_concept
-    sweep_seeds: int = 3
+    sweep_seeds: int = 2
     sweep_prompts: int = 4  # the first of each colour's two control prompts, alternating backgrounds
     sweep_weights: tuple[float, ...] = (2.25, 2.5, 2.75)
     sweep_cfg: tuple[float, ...] = (2.25, 2.5, 2.75)
@@ -140,7 +140,11 @@ class Context:
     def model(self, key: str) -> SDModel:
         """A trained checkpoint (base, finetune, dreambooth), loaded once through `gcfg_core.models`."""
         if key not in self._models:
-            self._models[key] = load_sd_checkpoint(self.path(f"{key}.safetensors"), compute_hash=False)
+            model = load_sd_checkpoint(self.path(f"{key}.safetensors"), compute_hash=False)
+            final = self.path("vae-final.safetensors")
+            if final.is_file():  # a checkpoint saved before the decoder finished still decodes with the final one
+                model.vae.load_state_dict(load_file(str(final)))
+            self._models[key] = model
         return self._models[key]
 
     def models(self, *keys: str) -> dict[str, SDModel]:
