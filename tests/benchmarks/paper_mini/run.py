@@ -84,8 +84,8 @@ class Plan:
     # (the first plan, 3000 base steps and 800 per fine-tune, would have taken about 8 hours there): see the README.
     vae: train.VAESettings = train.VAESettings()
     decoder: train.DecoderSettings = train.DecoderSettings(steps=350)
-    # No EMA for a run this short: a 0.999 average would still hold 0.999^500 = 61 % of the initialisation.
-    base: train.UNetSettings = train.UNetSettings(steps=500, batch_size=32, learning_rate=4e-4, warmup=200,
+    # No EMA for a run this short: a 0.999 average would still hold 0.999^600 = 55 % of the initialisation.
+    base: train.UNetSettings = train.UNetSettings(steps=600, batch_size=32, learning_rate=4e-4, warmup=200,
                                                   ema_decay=0.0, uncond_probability=0.1, save_every=50)
     finetune: train.UNetSettings = train.UNetSettings(seed=1, steps=100, batch_size=32, learning_rate=3e-4,
                                                       warmup=20, uncond_probability=0.0, save_every=50,
