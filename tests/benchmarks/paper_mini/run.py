@@ -83,31 +83,32 @@ class Plan:
     # Sized for a shared 2-core CPU where one training step of batch 32 takes ~4 s and one 25-step image ~3 s
     # (the first plan, 3000 base steps and 800 per fine-tune, would have taken about 8 hours there): see the README.
     vae: train.VAESettings = train.VAESettings()
-    decoder: train.DecoderSettings = train.DecoderSettings(steps=350)
-    # No EMA for a run this short: a 0.999 average would still hold 0.999^600 = 55 % of the initialisation.
-    base: train.UNetSettings = train.UNetSettings(steps=600, batch_size=32, learning_rate=4e-4, warmup=200,
+    decoder: train.DecoderSettings = train.DecoderSettings(steps=300)
+    # No EMA for a run this short: a 0.999 average would still hold 0.999^400 = 67 % of the initialisation.
+    base: train.UNetSettings = train.UNetSettings(steps=400, batch_size=32, learning_rate=4e-4, warmup=200,
                                                   ema_decay=0.0, uncond_probability=0.1, save_every=50)
-    finetune: train.UNetSettings = train.UNetSettings(seed=1, steps=100, batch_size=32, learning_rate=3e-4,
-                                                      warmup=20, uncond_probability=0.0, save_every=50,
-                                                      snapshot_steps=(50, 100))
-    dreambooth: train.UNetSettings = train.UNetSettings(seed=2, steps=100, batch_size=32, learning_rate=3e-4,
-                                                        warmup=20, uncond_probability=0.0, save_every=50)
-    concept_steps: int = 100  # same steps, batch and learning rate as the fine-tunes
+    finetune: train.UNetSettings = train.UNetSettings(seed=1, steps=40, batch_size=32, learning_rate=5e-4,
+                                                      warmup=5, uncond_probability=0.0, save_every=10,
+                                                      snapshot_steps=(20, 40))
+    dreambooth: train.UNetSettings = train.UNetSettings(seed=2, steps=40, batch_size=32, learning_rate=5e-4,
+                                                        warmup=5, uncond_probability=0.0, save_every=10)
+    concept_steps: int = 40  # same steps, batch and learning rate as the fine-tunes
     concept_batch: int = 32
-    concept_learning_rate: float = 3e-4
+    concept_learning_rate: float = 5e-4
     text_seed: int = 0
-    base_eval_stride: int = 5  # every 5th of the 72 open-world captions (15: every colour, shape and background)
+    base_eval_stride: int = 9  # every 9th of the 72 open-world captions (8: every shape, colour and background)
     base_eval_seeds: int = 2  # per caption
-    table_seeds: int = 4  # per control prompt (8 prompts)
-    uncond_seeds: int = 24
+    table_seeds: int = 3  # per control prompt (8 prompts)
+    uncond_seeds: int = 16
     cfg_scale: float = 2.5  # the paper's w_control
     concept_weight: float = 2.5  # the paper's w_concept
-    sweep_seeds: int = 2
+    sweep_seeds: int = 1
     sweep_prompts: int = 4  # the first of each colour's two control prompts, alternating backgrounds
     sweep_weights: tuple[float, ...] = (2.25, 2.5, 2.75)
     sweep_cfg: tuple[float, ...] = (2.25, 2.5, 2.75)
-    sweep_rows: tuple[str, ...] = ("finetune_cfg", "finetune_prior")  # the other rows swept over the CFG scale
-    grid_seeds: int = 4
+    sweep_rows: tuple[str, ...] = ()  # the other rows swept over the CFG scale
+    grid_seeds: int = 3
+    round_trip_images: int = 200  # per set, for the decoder's check
     seed0: int = 1000
 
     @classmethod
@@ -252,7 +253,7 @@ def vae_round_trips(ctx: Context, vae) -> dict:
     result, scale, concept_ref = {}, feature_scale(ctx), concept_readings(ctx)
     for kind in ("eval", "concept"):
         images, scenes = images_of(ctx, kind)
-        images, scenes = images[:1000], scenes[:1000]
+        images, scenes = images[:ctx.plan.round_trip_images], scenes[:ctx.plan.round_trip_images]
         with torch.no_grad():
             round_trip = np.concatenate([train.to_uint8(vae.decode(vae.encode(train.to_tensor(images[i:i + 64])).mean))
                                          for i in range(0, len(images), 64)])
@@ -681,7 +682,7 @@ STAGE_SETTINGS = {
     "detectors": lambda p: [p.eval_images, p.concept_images],
     "vae": lambda p: dataclasses.asdict(p.vae),
     "latents": lambda p: [p.base_images, p.concept_images],
-    "decoder": lambda p: dataclasses.asdict(p.decoder),
+    "decoder": lambda p: [dataclasses.asdict(p.decoder), p.round_trip_images],
     "base": lambda p: [dataclasses.asdict(p.base), p.text_seed, p.base_eval_seeds, p.base_eval_stride],
     "finetune": lambda p: [dataclasses.asdict(p.finetune), p.uncond_seeds, p.base_eval_seeds, p.base_eval_stride],
     "dreambooth": lambda p: [dataclasses.asdict(p.dreambooth), p.base_eval_seeds, p.base_eval_stride],
