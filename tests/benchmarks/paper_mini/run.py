@@ -61,7 +61,7 @@ from gcfg_core.models import (  # noqa: E402
     save_sd_checkpoint,
 )
 from paper_mini import arch, detect, evaluate, train, world  # noqa: E402
-from paper_mini.stages import run_stage, stage_result  # noqa: E402
+from paper_mini.stages import read_marker, run_stage, stage_result  # noqa: E402
 
 log = logging.getLogger("gcfg.paper_mini")
 
@@ -524,9 +524,18 @@ def grid_image(rows: list[np.ndarray]) -> Image.Image:
     return Image.fromarray(canvas)
 
 
+def wait_for_stage(ctx: Context, name: str) -> None:
+    """Block until stage `name` has finished (it may be running beside this one, e.g. the concept UNet's training)."""
+    import time
+
+    while read_marker(ctx.cache, name) is None:
+        log.info("waiting for stage %s to finish", name)
+        time.sleep(30)
+
+
 def stage_table(ctx: Context) -> dict:
     plan = ctx.plan
-    scale, concept_ref, concept = feature_scale(ctx), concept_readings(ctx), concept_unet(ctx)
+    scale, concept_ref, concept = feature_scale(ctx), concept_readings(ctx), None
     grids = ctx.path("grids")
     grids.mkdir(exist_ok=True)
     every = ctx.models("base", "finetune", "dreambooth")
@@ -535,7 +544,11 @@ def stage_table(ctx: Context) -> dict:
     other_seeds = range(plan.seed0 + 10_000, plan.seed0 + 10_000 + plan.uncond_seeds)
     floor = evaluate.drift(detect.read_images(evaluate.unconditional(every, "base", other_seeds)), uncond["base"])
     rows = {}
-    for key, label, setup in ROWS:
+    # The rows without the concept UNet first: its training may still be running beside this stage.
+    for key, label, setup in sorted(ROWS, key=lambda row: row[2].concept_weight != 0):
+        if setup.concept_weight and concept is None:
+            wait_for_stage(ctx, "concept")
+            concept = concept_unet(ctx)
         setup = dataclasses.replace(setup, concept_weight=plan.concept_weight) if setup.concept_weight else setup
         result = measure(ctx, setup, plan.cfg_scale, plan.table_seeds, concept, scale, concept_ref)
         images = result.pop("_images")
