@@ -96,7 +96,7 @@ class Plan:
     concept_batch: int = 32
     concept_learning_rate: float = 5e-4
     text_seed: int = 0
-    base_eval_stride: int = 7  # every 7th of the 72 open-world captions (11; 7 is prime to 3 and 6: every colour and background)
+    base_eval_stride: int = 7  # every 7th of the 72 open-world captions: 11, every colour and background
     base_eval_seeds: int = 2  # per caption
     table_seeds: int = 3  # per control prompt (8 prompts)
     uncond_seeds: int = 16
