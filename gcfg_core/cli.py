@@ -235,7 +235,6 @@ class _ModelFiles:
 
 def _check_model_files(args: argparse.Namespace) -> _ModelFiles:
     """Every model file exists, the overrides parse and the families match, from the headers alone."""
-    from gcfg_core.checkpoint import ModelFamily, base_family
     from gcfg_core.model_files import file_family, require_matching_files
 
     if args.prior is None:
@@ -255,15 +254,35 @@ def _check_model_files(args: argparse.Namespace) -> _ModelFiles:
     others = {"prior": (args.prior, file_family(args.prior))} if args.model else {}
     others.update({f"checkpoint {name!r}": (path, file_family(path)) for name, path in checkpoints.items()})
     require_matching_files((main_path, main_family), others)
-    if args.concept is not None and base_family(main_family) is not ModelFamily.SD1:
-        raise CliError(f"--concept {args.concept}: concept models are SD 1.x UNets, but the main model {main_path} is "
-                       f"{main_family.label}")
+    if args.concept is not None:
+        _check_concept_file(args.concept, main_path, main_family)
     return _ModelFiles(checkpoints, overrides, main_family)
+
+
+
+def _check_concept_file(concept: Path, main_path: Path, main_family) -> None:
+    """The concept file's own family (from its header) must be the main model's; the message names both."""
+    from gcfg_core.concept_file import (
+        ConceptFileError,
+        concept_family_for,
+        read_concept_metadata,
+        require_concept_family,
+    )
+
+    try:
+        metadata = read_concept_metadata(concept)
+        wanted = concept_family_for(main_family)
+        if wanted is None:
+            raise CliError(f"--concept {concept}: concept models guide SD 1.x and SDXL main models; the main model "
+                           f"{main_path} is {main_family.label}")
+        require_concept_family(concept, metadata, wanted, main=f"{main_path}")
+    except ConceptFileError as error:
+        raise CliError(f"--concept {error}") from None
 
 
 def _load_models(args: argparse.Namespace, files: _ModelFiles):
     """(prior, main, concept UNet or None, the concept's infotext name, {name: checkpoint})."""
-    from gcfg_core.concept_file import concept_label, load_concept_model
+    from gcfg_core.concept_file import concept_family_for, concept_label, load_concept_model
     from gcfg_core.model_files import load_checkpoint
 
     def load(path: Path, role: str):
@@ -274,7 +293,8 @@ def _load_models(args: argparse.Namespace, files: _ModelFiles):
     extras = {name: load(path, name) for name, path in files.checkpoints.items()}
     if args.concept is None:
         return prior, main, None, "", extras
-    concept, metadata = load_concept_model(args.concept, device=args.device)
+    concept, metadata = load_concept_model(args.concept, device=args.device,
+                                           expected_family=concept_family_for(files.main_family))
     return prior, main, concept, concept_label(args.concept, metadata), extras
 
 

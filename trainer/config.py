@@ -43,6 +43,14 @@ class ResizePolicy(str, enum.Enum):
     SQUASH = "squash"  # resize both sides to `resolution` without cropping (what the paper does for square data)
 
 
+class ModelFamily(str, enum.Enum):
+    """The base model's family, which fixes the concept UNet's architecture and conditioning."""
+
+    AUTO = "auto"  # read from the base checkpoint's keys
+    SD1 = "sd1"  # SD 1.x: 16 cross-attention blocks
+    SDXL = "sdxl"  # SDXL base layout: 70 cross-attention blocks, pooled text and size embeddings
+
+
 class Optimizer(str, enum.Enum):
     ADAMW = "adamw"  # torch.optim.AdamW, fp32 states (16 B/param with grads and weights)
     ADAMW_8BIT = "adamw8bit"  # bitsandbytes AdamW8bit (the UniDiffusion reference config uses 8-bit Adam)
@@ -70,9 +78,14 @@ class TrainConfig:
 
     # --- where (required)
     dataset_dir: str = field(metadata=_help("Folder of training images, searched recursively (jpg/png/webp/bmp)."))
-    base_checkpoint: str = field(metadata=_help("SD 1.5 checkpoint the concept UNet starts from (.safetensors/.ckpt)."))
+    base_checkpoint: str = field(
+        metadata=_help("SD 1.5 or SDXL base checkpoint the concept UNet starts from (.safetensors/.ckpt)."))
     job_dir: str = field(metadata=_help("Job folder: config, status, events, log, cache, checkpoints, previews."))
     name: str = field(metadata=_help("Job name; letters, digits, '.', '_' and '-' (used in file names)."))
+    model_family: ModelFamily = field(
+        default=ModelFamily.AUTO,
+        metadata=_help("Base model family: 'auto' (read from the base checkpoint), 'sd1' or 'sdxl'; a checkpoint of "
+                       "another family is refused."))
     # --- data
     resolution: int = field(default=512, metadata=_help("Training size in pixels (square, a multiple of 64)."))
     resize_policy: ResizePolicy = field(
@@ -263,6 +276,7 @@ _LOSS = "it defines the loss the run optimises"
 RESUME_FIXED_REASONS: dict[str, str] = {
     "dataset_dir": _CACHE, "resolution": _CACHE, "resize_policy": _CACHE, "min_image_size": _CACHE, "flip": _CACHE,
     "base_checkpoint": "the concept UNet started from it and the null-text vectors were calibrated on it",
+    "model_family": "the concept UNet's architecture and conditioning follow from it",
     "batch_size": _ORDER, "seed": _ORDER,
     "optimizer": "the checkpoint holds this optimizer's state",
     "mixed_precision": "the checkpoint's gradient-scaler state and the run's numerics follow from it",
@@ -325,7 +339,7 @@ def config_fields() -> tuple[FieldSpec, ...]:
 # --- coercion and validation (pure helpers)
 
 _FIELD_TYPES: dict[str, Any] = {
-    "dataset_dir": str, "base_checkpoint": str, "job_dir": str, "name": str,
+    "dataset_dir": str, "base_checkpoint": str, "job_dir": str, "name": str, "model_family": ModelFamily,
     "resolution": int, "resize_policy": ResizePolicy, "min_image_size": int, "flip": bool,
     "learning_rate": float, "batch_size": int, "micro_batch_size": int, "adam_beta1": float, "adam_beta2": float,
     "adam_epsilon": float, "weight_decay": float, "optimizer": Optimizer, "lr_schedule": LRSchedule,
@@ -458,10 +472,48 @@ def _path_problems(c: TrainConfig) -> list[str]:
         p.append(f"dataset_dir={c.dataset_dir!r} is not an existing folder")
     if not Path(c.base_checkpoint).is_file():
         p.append(f"base_checkpoint={c.base_checkpoint!r} is not an existing file")
+    else:
+        p.extend(_family_problems(c))
     problem = folder_problem(Path(c.job_dir))
     if problem:
         p.append(f"job_dir={c.job_dir!r} {problem}")
     return p
+
+
+def checkpoint_family(path: str | os.PathLike) -> str:
+    """The trainable family ("sd1", "sdxl") of a base checkpoint, from its header; `ConfigError` for any other."""
+    from gcfg_core.checkpoint import CheckpointError, base_family
+    from gcfg_core.checkpoint import ModelFamily as FileFamily
+    from gcfg_core.model_files import file_family
+
+    try:
+        family = file_family(path)
+    except CheckpointError as e:
+        raise ConfigError(f"base_checkpoint={os.fspath(path)!r} cannot be read: {e}") from e
+    if family in (FileFamily.SD1, FileFamily.SDXL):
+        return family.value
+    hint = f" (its base family is {base_family(family).label})" if base_family(family) is not family else ""
+    raise ConfigError(f"base_checkpoint={os.fspath(path)!r} is {family.label}{hint}; concept UNets are trained from "
+                      "an SD 1.x or an SDXL base checkpoint (text-to-image, 4-channel UNet)")
+
+
+def resolved_family(c: TrainConfig) -> str:
+    """The job's family: `model_family`, or the base checkpoint's when 'auto'; a mismatch is a `ConfigError`."""
+    found = checkpoint_family(c.base_checkpoint)
+    if c.model_family is not ModelFamily.AUTO and c.model_family.value != found:
+        labels = {"sd1": "SD 1.x", "sdxl": "SDXL"}
+        raise ConfigError(f"model_family={c.model_family.value!r} ({labels[c.model_family.value]}) but "
+                          f"base_checkpoint={c.base_checkpoint!r} is an {labels[found]} checkpoint ({found}); "
+                          f"use model_family='{found}' or 'auto', or another base checkpoint")
+    return found
+
+
+def _family_problems(c: TrainConfig) -> list[str]:
+    try:
+        resolved_family(c)
+    except ConfigError as e:
+        return list(e.problems)
+    return []
 
 
 def folder_problem(path: Path) -> str | None:

@@ -1,7 +1,9 @@
 """Preparation and the training loop of the null-text concept UNet (paper §4.3), read top to bottom like nanoGPT.
 
 `prepare` scans the images, VAE-encodes them once into the latent cache and calibrates the null-text vectors on
-the base model. `train` then fine-tunes every UNet parameter on eps-prediction MSE over the SD 1 schedule.
+the base model. `train` then fine-tunes every UNet parameter on eps-prediction MSE over the SD 1 schedule (which
+SDXL shares). The base is SD 1.x or SDXL (`trainer.family`); an SDXL concept UNet also gets its vector input:
+the empty prompt's pooled text embedding, fixed, and each image's size embeddings.
 
 Exact resume: every random draw of micro-batch `m` of optimizer step `s` comes from a CPU `torch.Generator`
 seeded with a hash of (seed, s, m) — timesteps, noise, the VAE posterior sample — and the data order is a seeded
@@ -40,12 +42,20 @@ from gcfg_core.attention import use_sdpa_attention
 from gcfg_core.concept_file import ConceptMetadata, load_concept_model, save_concept_model
 from gcfg_core.configs import sd1_alphas_cumprod
 from gcfg_core.fileio import atomic_path, atomic_write_text
-from gcfg_core.models import load_sd_checkpoint
 from gcfg_core.nulltext import calibrate_nulltext, convert_to_nulltext
 from trainer import checkpoints
-from trainer.config import LRSchedule, Optimizer, TrainConfig, check_resume_length
-from trainer.data import scan_dataset
+from trainer.config import LRSchedule, Optimizer, TrainConfig, check_resume_length, resolved_family
+from trainer.data import scan_dataset, size_conditioning
 from trainer.distributed import JobReporter, make_accelerator, release_accelerator, resolve_device
+from trainer.family import (
+    SDXL,
+    VECTOR_INPUT_FILE,
+    VectorInput,
+    empty_prompt_text,
+    entry_sizes,
+    latent_scale_factor,
+    load_base,
+)
 from trainer.jobfolder import JobFolder, JobState
 from trainer.latent_cache import (
     CacheInterrupted,
@@ -144,8 +154,12 @@ def loss_weights_min_snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, 
 
 
 def diffusion_loss(model: nn.Module, latents: torch.Tensor, generator: torch.Generator,
-                   alphas_cumprod: torch.Tensor, config: TrainConfig) -> torch.Tensor:
-    """Eps-prediction MSE of one micro-batch; noise and timesteps come from `generator` (always on the CPU)."""
+                   alphas_cumprod: torch.Tensor, config: TrainConfig,
+                   vector: torch.Tensor | None = None) -> torch.Tensor:
+    """Eps-prediction MSE of one micro-batch; noise and timesteps come from `generator` (always on the CPU).
+
+    `vector`: an SDXL UNet's vector input, one row per latent (None for SD 1.x).
+    """
     batch, channels = latents.shape[:2]
     timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
@@ -155,7 +169,8 @@ def diffusion_loss(model: nn.Module, latents: torch.Tensor, generator: torch.Gen
     device = latents.device
     timesteps, noise = timesteps.to(device), noise.to(device)
     noisy = noisy_latents(latents, noise, timesteps, alphas_cumprod)
-    prediction = model(noisy, timesteps, context=None)  # null-text UNet: no context at all
+    extra = {} if vector is None else {"y": vector}
+    prediction = model(noisy, timesteps, context=None, **extra)  # null-text UNet: no context at all
     per_sample = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
     if config.min_snr_gamma:
         per_sample = per_sample * loss_weights_min_snr(timesteps, alphas_cumprod, config.min_snr_gamma)
@@ -380,6 +395,8 @@ def read_prepared(job: JobFolder, config: TrainConfig) -> Prepared | None:
     prepared = Prepared.from_dict(json.loads(path.read_text(encoding="utf-8")))
     if prepared.inputs != prepare_inputs(config):
         return None
+    if prepared.base_family == SDXL and not (job.path / VECTOR_INPUT_FILE).is_file():
+        return None
     return prepared if open_latent_cache(job.cache_dir, prepared.cache_key) is not None else None
 
 
@@ -412,7 +429,8 @@ def _prepare(config: TrainConfig, job: JobFolder, device: torch.device, stop: St
     # Refuse now, with the real image count, rather than after the (long) cache build (anchors-training.md).
     reporter.update(JobState.PREPARING, message="checking disk and memory")
     preflight_job(config, num_images=len(scan.images), num_processes=num_processes, device=device)
-    base = load_sd_checkpoint(config.base_checkpoint, device=device, dtype=torch.float32)
+    family = resolved_family(config)
+    base = load_base(config.base_checkpoint, family, device=device)
     key = CacheKey(dataset_fingerprint=scan.fingerprint, vae_sha256=base.sha256 or "", resolution=config.resolution,
                    resize_policy=config.resize_policy.value, flip=config.flip)
 
@@ -429,9 +447,21 @@ def _prepare(config: TrainConfig, job: JobFolder, device: torch.device, stop: St
                     "images")
     count = min(config.calibration_images, len(cache))
     generator = torch.Generator().manual_seed(seed_for("calibration", config.seed))
-    latents = cache.sample_latents(global_batch(len(cache), config.seed, 0, count), generator)
-    vectors = calibrate_nulltext(base.unet, latents, base.encode_prompts([""]), seed=config.seed,
-                                 alphas_cumprod=base.alphas_cumprod, batch_size=config.cache_batch_size)
+    indices = global_batch(len(cache), config.seed, 0, count)
+    latents = cache.sample_latents(indices, generator, scale_factor=latent_scale_factor(family))
+    if family == SDXL:
+        context, pooled = empty_prompt_text(base)
+
+        def size_of(image: int, flipped: bool):
+            return size_conditioning(scan.images[image], config.resolution, config.resize_policy, flipped=flipped)
+
+        vector_input = VectorInput(pooled, entry_sizes(len(cache), cache.entry, size_of))
+        vector_input.save(job.path / VECTOR_INPUT_FILE)
+        vectors = calibrate_nulltext(base.unet, latents, context, seed=config.seed, alphas_cumprod=base.alphas_cumprod,
+                                     batch_size=config.cache_batch_size, vector=vector_input.vectors(indices))
+    else:
+        vectors = calibrate_nulltext(base.unet, latents, base.encode_prompts([""]), seed=config.seed,
+                                     alphas_cumprod=base.alphas_cumprod, batch_size=config.cache_batch_size)
     with atomic_path(job.path / NULLTEXT_FILE) as tmp:
         save_file({name: v.contiguous() for name, v in vectors.items()}, str(tmp),
                   metadata={"base_sha256": base.sha256 or "", "calibration_images": str(count)})
@@ -482,14 +512,17 @@ def save_checkpoint(job: JobFolder, config: TrainConfig, prepared: Prepared, ste
 
 
 def load_training_unet(config: TrainConfig, job: JobFolder, checkpoint: checkpoints.CheckpointInfo | None,
-                       state: dict[str, Any] | None) -> nn.Module:
-    """The fp32 null-text UNet to train: the base UNet converted with the job's vectors, or a checkpoint's."""
+                       state: dict[str, Any] | None, family: str = "sd1",
+                       vector_input: VectorInput | None = None) -> nn.Module:
+    """The fp32 null-text UNet to train: the base UNet converted with the job's vectors (and, for SDXL, its fixed
+    pooled input), or a checkpoint's."""
     if checkpoint is None:
-        base = load_sd_checkpoint(config.base_checkpoint, parts=("unet",), compute_hash=False)
+        base = load_base(config.base_checkpoint, family, unet_only=True, compute_hash=False)
         vectors = load_file(str(job.path / NULLTEXT_FILE))
-        unet = convert_to_nulltext(base.unet, vectors)
+        unet = convert_to_nulltext(base.unet, vectors, vector_input.pooled if vector_input is not None else None)
     else:
-        unet, _ = load_concept_model(checkpoint.concept_path, device="cpu", dtype=torch.float32)
+        unet, _ = load_concept_model(checkpoint.concept_path, device="cpu", dtype=torch.float32,
+                                     expected_family=family)
         if state is not None and state.get("unet") is not None:
             unet.load_state_dict(state["unet"])
     unet.train()
@@ -563,13 +596,16 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
             preflight_job(config, num_images=prepared.num_images, num_processes=world, device=device)
     cache: LatentCache = open_latent_cache(job.cache_dir, prepared.cache_key)
     alphas_cumprod = sd1_alphas_cumprod().to(device)
+    family = prepared.base_family
+    scale_factor = latent_scale_factor(family)
+    vector_input = VectorInput.load(job.path / VECTOR_INPUT_FILE) if family == SDXL else None
 
     # --- model, optimizer and (on resume) their state
     checkpoint = checkpoints.latest_checkpoint(job.checkpoints_dir) if resume else None
     if resume and checkpoint is None:
         log.info("no checkpoint in %s: starting from step 0", job.checkpoints_dir)
     state = checkpoints.load_train_state(checkpoint) if checkpoint else None
-    unet = load_training_unet(config, job, checkpoint, state)
+    unet = load_training_unet(config, job, checkpoint, state, family, vector_input)
     unet = unet.to(device)
     use_sdpa_attention(unet)
     if config.gradient_checkpointing:
@@ -618,8 +654,9 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
         for a, micro_batch in enumerate(rank_micro_batches(indices, accumulation, world, rank)):
             generator = micro_batch_generator(config.seed, step, a * world + rank)
             with accelerator.accumulate(model):
-                latents = cache.sample_latents(micro_batch, generator).to(device)
-                loss = diffusion_loss(model, latents, generator, alphas_cumprod, config)
+                latents = cache.sample_latents(micro_batch, generator, scale_factor=scale_factor).to(device)
+                vector = vector_input.vectors(micro_batch).to(device) if vector_input is not None else None
+                loss = diffusion_loss(model, latents, generator, alphas_cumprod, config, vector)
                 accelerator.backward(loss)  # divides by the accumulation steps itself
                 loss_sum += loss.detach()
         step_loss = accelerator.reduce(loss_sum / accumulation, reduction="mean")
