@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="SD 1.5 key names and block structure at tiny widths, about 40 MB; fast on a CPU (default)")
     size.add_argument("--full", dest="architecture", action="store_const", const="sd1",
                       help="full SD 1.5 size (1.07 billion parameters, about 4.3 GB in fp32)")
+    size.add_argument("--sdxl-tiny", dest="architecture", action="store_const", const="sdxl-tiny",
+                      help="SDXL base key names and block structure (70 transformer blocks) at tiny widths, about "
+                      "100 MB")
     random.set_defaults(architecture="tiny")
     random.add_argument("--seed", type=int, default=0, help="weights seed; the same file for the same seed")
     return parser
@@ -153,12 +156,18 @@ def _add_sdxl_size_arguments(sample: argparse.ArgumentParser) -> None:
 
 
 def write_random_checkpoint(out: Path, *, architecture: str = "tiny", seed: int = 0) -> Path:
-    """Save a random-weight SD 1 model (`gcfg_core.configs` TINY or SD1) as an ldm-layout `.safetensors` file."""
+    """Save a random-weight SD 1 model (`gcfg_core.configs` TINY or SD1) as an ldm-layout `.safetensors` file, or
+    a tiny SDXL one (SDXL_TINY) in the sgm layout."""
     if out.suffix.lower() != ".safetensors":
         raise CliError(f"{out}: the output file name must end in .safetensors")
     from gcfg_core.configs import SD1, TINY
     from gcfg_core.models import random_sd_model, save_sd_checkpoint
 
+    if architecture == "sdxl-tiny":
+        from gcfg_core.sdxl import random_sdxl_model, save_sdxl_checkpoint
+
+        save_sdxl_checkpoint(random_sdxl_model(seed=seed), out)
+        return out
     model = random_sd_model({"tiny": TINY, "sd1": SD1}[architecture], seed=seed)
     save_sd_checkpoint(model, out)
     return out

@@ -182,6 +182,7 @@ def test_an_unwritable_job_dir_is_refused_before_the_scan(tmp_path, tiny_checkpo
 
 def test_sample_checks_its_flags_before_loading_models(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     import gcfg_core.concept_file
+    import gcfg_core.model_files
     import gcfg_core.models
 
     job = _finished_job(tmp_path, tiny_checkpoint, step=4)
@@ -194,6 +195,7 @@ def test_sample_checks_its_flags_before_loading_models(tmp_path, tiny_checkpoint
 
     save_file({"x": torch.zeros(1)}, str(checkpoint.concept_path), metadata=header)
     monkeypatch.setattr(gcfg_core.models, "load_sd_checkpoint", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(gcfg_core.model_files, "load_checkpoint", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr(gcfg_core.concept_file, "load_concept_model", lambda *a, **k: pytest.fail("loaded"))
     a_file = tmp_path / "file"
     a_file.write_text("x")
