@@ -509,6 +509,15 @@ def resolved_family(c: TrainConfig) -> str:
 
 
 def _family_problems(c: TrainConfig) -> list[str]:
+    """A family the trainer cannot use, or one other than `model_family`; a file whose header cannot be read is
+    reported when it is loaded, with the loader's own message."""
+    from gcfg_core.checkpoint import CheckpointError
+    from gcfg_core.model_files import file_family
+
+    try:
+        file_family(c.base_checkpoint)
+    except (CheckpointError, OSError):
+        return []
     try:
         resolved_family(c)
     except ConfigError as e:
