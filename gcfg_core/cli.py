@@ -268,7 +268,6 @@ def _check_model_files(args: argparse.Namespace) -> _ModelFiles:
     return _ModelFiles(checkpoints, overrides, main_family)
 
 
-
 def _check_concept_file(concept: Path, main_path: Path, main_family) -> None:
     """The concept file's own family (from its header) must be the main model's; the message names both."""
     from gcfg_core.concept_file import (
@@ -284,7 +283,7 @@ def _check_concept_file(concept: Path, main_path: Path, main_family) -> None:
         if wanted is None:
             raise CliError(f"--concept {concept}: concept models guide SD 1.x and SDXL main models; the main model "
                            f"{main_path} is {main_family.label}")
-        require_concept_family(concept, metadata, wanted, main=f"{main_path}")
+        require_concept_family(concept, metadata, wanted, main=str(main_path))
     except ConceptFileError as error:
         raise CliError(f"--concept {error}") from None
 
