@@ -133,7 +133,7 @@ def test_bad_paths_and_values_are_refused_before_any_work_naming_the_flag(tmp_pa
                                                                           monkeypatch):
     from trainer import data, loop
 
-    monkeypatch.setattr(loop, "load_sd_checkpoint", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr(data, "scan_dataset", lambda *a, **k: pytest.fail("the dataset was scanned"))
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -265,7 +265,7 @@ def test_preflight_refuses_a_full_disk_before_any_model_is_loaded_or_cache_writt
     from trainer import loop
 
     _tiny_disk(monkeypatch)
-    monkeypatch.setattr(loop, "load_sd_checkpoint", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
     assert main(["-q", "train", *cli_args(tmp_path, tiny_checkpoint)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: needs ") and "free disk" in err and "has 0.0 GB" in err
