@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="SD 1.5 key names and block structure at tiny widths, about 40 MB; fast on a CPU (default)")
     size.add_argument("--full", dest="architecture", action="store_const", const="sd1",
                       help="full SD 1.5 size (1.07 billion parameters, about 4.3 GB in fp32)")
+    size.add_argument("--sdxl-tiny", dest="architecture", action="store_const", const="sdxl-tiny",
+                      help="SDXL base key names and block structure (70 transformer blocks) at tiny widths, about "
+                      "100 MB")
     random.set_defaults(architecture="tiny")
     random.add_argument("--seed", type=int, default=0, help="weights seed; the same file for the same seed")
     return parser
@@ -153,12 +156,18 @@ def _add_sdxl_size_arguments(sample: argparse.ArgumentParser) -> None:
 
 
 def write_random_checkpoint(out: Path, *, architecture: str = "tiny", seed: int = 0) -> Path:
-    """Save a random-weight SD 1 model (`gcfg_core.configs` TINY or SD1) as an ldm-layout `.safetensors` file."""
+    """Save a random-weight SD 1 model (`gcfg_core.configs` TINY or SD1) as an ldm-layout `.safetensors` file, or
+    a tiny SDXL one (SDXL_TINY) in the sgm layout."""
     if out.suffix.lower() != ".safetensors":
         raise CliError(f"{out}: the output file name must end in .safetensors")
     from gcfg_core.configs import SD1, TINY
     from gcfg_core.models import random_sd_model, save_sd_checkpoint
 
+    if architecture == "sdxl-tiny":
+        from gcfg_core.sdxl import random_sdxl_model, save_sdxl_checkpoint
+
+        save_sdxl_checkpoint(random_sdxl_model(seed=seed), out)
+        return out
     model = random_sd_model({"tiny": TINY, "sd1": SD1}[architecture], seed=seed)
     save_sd_checkpoint(model, out)
     return out
@@ -235,7 +244,6 @@ class _ModelFiles:
 
 def _check_model_files(args: argparse.Namespace) -> _ModelFiles:
     """Every model file exists, the overrides parse and the families match, from the headers alone."""
-    from gcfg_core.checkpoint import ModelFamily, base_family
     from gcfg_core.model_files import file_family, require_matching_files
 
     if args.prior is None:
@@ -255,15 +263,34 @@ def _check_model_files(args: argparse.Namespace) -> _ModelFiles:
     others = {"prior": (args.prior, file_family(args.prior))} if args.model else {}
     others.update({f"checkpoint {name!r}": (path, file_family(path)) for name, path in checkpoints.items()})
     require_matching_files((main_path, main_family), others)
-    if args.concept is not None and base_family(main_family) is not ModelFamily.SD1:
-        raise CliError(f"--concept {args.concept}: concept models are SD 1.x UNets, but the main model {main_path} is "
-                       f"{main_family.label}")
+    if args.concept is not None:
+        _check_concept_file(args.concept, main_path, main_family)
     return _ModelFiles(checkpoints, overrides, main_family)
+
+
+def _check_concept_file(concept: Path, main_path: Path, main_family) -> None:
+    """The concept file's own family (from its header) must be the main model's; the message names both."""
+    from gcfg_core.concept_file import (
+        ConceptFileError,
+        concept_family_for,
+        read_concept_metadata,
+        require_concept_family,
+    )
+
+    try:
+        metadata = read_concept_metadata(concept)
+        wanted = concept_family_for(main_family)
+        if wanted is None:
+            raise CliError(f"--concept {concept}: concept models guide SD 1.x and SDXL main models; the main model "
+                           f"{main_path} is {main_family.label}")
+        require_concept_family(concept, metadata, wanted, main=str(main_path))
+    except ConceptFileError as error:
+        raise CliError(f"--concept {error}") from None
 
 
 def _load_models(args: argparse.Namespace, files: _ModelFiles):
     """(prior, main, concept UNet or None, the concept's infotext name, {name: checkpoint})."""
-    from gcfg_core.concept_file import concept_label, load_concept_model
+    from gcfg_core.concept_file import concept_family_for, concept_label, load_concept_model
     from gcfg_core.model_files import load_checkpoint
 
     def load(path: Path, role: str):
@@ -274,7 +301,8 @@ def _load_models(args: argparse.Namespace, files: _ModelFiles):
     extras = {name: load(path, name) for name, path in files.checkpoints.items()}
     if args.concept is None:
         return prior, main, None, "", extras
-    concept, metadata = load_concept_model(args.concept, device=args.device)
+    concept, metadata = load_concept_model(args.concept, device=args.device,
+                                           expected_family=concept_family_for(files.main_family))
     return prior, main, concept, concept_label(args.concept, metadata), extras
 
 

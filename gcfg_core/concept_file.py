@@ -2,8 +2,10 @@
 
 Tensors: the UNet state dict in the ldm layout (`model.diffusion_model.*`) without attn2/norm2 weights,
 plus one `<block>.attn2.vector` [1, 1, C] per transformer block. `__metadata__` holds the format tag
-`gcfg.concept-unet/1`, the base model's family, hash and name, the UNet config, the training config,
-progress counters and the dataset fingerprint. Readers check the tag and the family before any tensor.
+`gcfg.concept-unet/1`, the base model's family (`base_family`: "sd1", or "sdxl" for an SDXL UNet in the sgm
+layout, which also stores its fixed pooled text input as `model.diffusion_model.nulltext_pooled` [1, P]), hash
+and name, the UNet config, the training config, progress counters and the dataset fingerprint. Readers check the
+tag and the family before any tensor; files written before SDXL support carry "sd1" (also the default).
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from gcfg_core.checkpoint import UNET_PREFIX, CheckpointError, read_safetensors_header
-from gcfg_core.configs import UNetConfig
+from gcfg_core.checkpoint import UNET_PREFIX, CheckpointError, ModelFamily, base_family, read_safetensors_header
+from gcfg_core.configs import SDXLUNetConfig, UNetConfig
 from gcfg_core.models import atomic_save_safetensors, infer_unet_config
-from gcfg_core.nulltext import build_nulltext_unet, is_nulltext, nulltext_state_dict
+from gcfg_core.nulltext import build_nulltext_unet, is_nulltext, is_sdxl_unet, nulltext_state_dict
 
 logger = logging.getLogger("gcfg.concept_file")
 
 CONCEPT_FORMAT = "gcfg.concept-unet/1"
 FORMAT_KEY = "format"
+FAMILY_LABELS = {"sd1": "SD 1.x", "sdxl": "SDXL"}  # the base families a concept model can be trained on
 _JSON_FIELDS = ("unet_config", "train_config", "extra")
 _INT_FIELDS = ("steps", "images_seen")
 _SD_CHECKPOINT_PREFIXES = ("first_stage_model.", "cond_stage_model.")
@@ -110,14 +113,20 @@ class ConceptMetadata:
         except ConceptFileError as exc:
             raise ConceptFileError(f"{source}: {exc}") from exc
 
-    def unet_config_object(self) -> UNetConfig | None:
-        """The stored `UNetConfig`, or None when the file has none."""
+    @property
+    def family_label(self) -> str:
+        """The base family as people name it ("SD 1.x", "SDXL")."""
+        return FAMILY_LABELS.get(self.base_family, self.base_family)
+
+    def unet_config_object(self) -> UNetConfig | SDXLUNetConfig | None:
+        """The stored `UNetConfig` (SD 1.x) or `SDXLUNetConfig` (SDXL), or None when the file has none."""
         if not self.unet_config:
             return None
-        known = {item.name for item in dataclasses.fields(UNetConfig)}
+        kind = SDXLUNetConfig if self.base_family == "sdxl" else UNetConfig
+        known = {item.name for item in dataclasses.fields(kind)}
         kwargs = {key: tuple(value) if isinstance(value, list) else value
                   for key, value in self.unet_config.items() if key in known}
-        return UNetConfig(**kwargs)
+        return kind(**kwargs)
 
 
 def save_concept_model(path: str | os.PathLike, unet: torch.nn.Module, metadata: ConceptMetadata) -> None:
@@ -126,8 +135,13 @@ def save_concept_model(path: str | os.PathLike, unet: torch.nn.Module, metadata:
     if not is_nulltext(unet):
         raise ConceptFileError(f"{path}: refusing to save a UNet that is not in null-text mode as a concept model")
     state_dict = nulltext_state_dict(unet)
+    family = "sdxl" if is_sdxl_unet(unet) else "sd1"
+    if metadata.base_family != family:
+        raise ConceptFileError(f"{path}: the metadata says base family {metadata.base_family!r} but the UNet is "
+                               f"{FAMILY_LABELS[family]} ({family!r})")
     if not metadata.unet_config:
-        metadata = dataclasses.replace(metadata, unet_config=dataclasses.asdict(infer_unet_config(state_dict)))
+        config = unet.config if family == "sdxl" else infer_unet_config(state_dict)
+        metadata = dataclasses.replace(metadata, unet_config=dataclasses.asdict(config))
     tensors = {UNET_PREFIX + key: value for key, value in state_dict.items()}
     atomic_save_safetensors(tensors, path, metadata=metadata.to_header())
     logger.info("saved concept model %s (%d tensors, %d steps)", path, len(tensors), metadata.steps)
@@ -184,6 +198,24 @@ def concept_label(path: str | os.PathLike, metadata: ConceptMetadata) -> str:
     return f"{path.stem} [{short_hash(file_sha256(path))}]"
 
 
+def concept_family_for(main_family: ModelFamily) -> str | None:
+    """The concept-model family ("sd1", "sdxl") that guides a main model of `main_family` (None: no family can)."""
+    return {ModelFamily.SD1: "sd1", ModelFamily.SDXL: "sdxl"}.get(base_family(main_family))
+
+
+def require_concept_family(path: str | os.PathLike, metadata: ConceptMetadata, expected_family: str | None, *,
+                           main: str = "") -> None:
+    """Raise `ConceptFileError` naming both families (and `main`, the main model) unless the concept model was
+    trained on `expected_family` (None accepts any)."""
+    if expected_family is None or metadata.base_family == expected_family:
+        return
+    against = f"the main model {main} is" if main else "this slot needs"
+    wanted = FAMILY_LABELS.get(expected_family, expected_family)
+    raise ConceptFileError(f"{os.fspath(path)}: this concept model was trained on an {metadata.family_label} base "
+                           f"({metadata.base_family}), but {against} {wanted} ({expected_family}): a concept model "
+                           "guides main models of its own family")
+
+
 def read_concept_state_dict(
     path: str | os.PathLike,
     *,
@@ -193,9 +225,7 @@ def read_concept_state_dict(
     format tag and the base family. Hosts that build the UNet with their own classes (Forge) start from this."""
     path = pathlib.Path(path)
     metadata = read_concept_metadata(path)
-    if expected_family is not None and metadata.base_family != expected_family:
-        raise ConceptFileError(f"{path}: concept model was trained on a {metadata.base_family!r} base model; "
-                               f"this slot needs {expected_family!r}")
+    require_concept_family(path, metadata, expected_family)
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as exc:
@@ -213,10 +243,20 @@ def load_concept_model(
     dtype: torch.dtype = torch.float32,
     expected_family: str | None = "sd1",
 ) -> tuple[torch.nn.Module, ConceptMetadata]:
-    """Load a concept-model file as a null-text ldm UNet (eval mode) with its metadata; checks tag and family."""
+    """Load a concept-model file as a null-text ldm UNet (eval mode) with its metadata; checks tag and family.
+
+    `expected_family` "sd1" or "sdxl" (the main model's base family), or None to take the file's.
+    """
     state_dict, metadata = read_concept_state_dict(path, expected_family=expected_family)
     try:
-        config = metadata.unet_config_object() or infer_unet_config(state_dict)
+        config = metadata.unet_config_object()
+        if config is None:
+            if metadata.base_family == "sdxl":
+                from gcfg_core.sdxl_unet import infer_sdxl_unet_config
+
+                config = infer_sdxl_unet_config(state_dict)
+            else:
+                config = infer_unet_config(state_dict)
         unet = build_nulltext_unet(config, state_dict, device=device, dtype=dtype)
     except (TypeError, ValueError) as exc:
         raise ConceptFileError(f"{pathlib.Path(path)}: tensors do not form a null-text UNet: {exc}") from exc

@@ -19,8 +19,10 @@ from torch import Tensor, nn
 
 from gcfg_core.checkpoint import ModelFamily, base_family, short_hash
 from gcfg_core.conditioning import SizeConditioning
+from gcfg_core.configs import sd1_alphas_cumprod
 from gcfg_core.denoiser import GCFGDenoiser, UNetDenoiser
 from gcfg_core.models import SDModel
+from gcfg_core.nulltext import is_sdxl_unet, nulltext_vector
 from gcfg_core.params import GCFGSettings
 from gcfg_core.plan import GuidancePlan, classic_plan, standard_plan
 from gcfg_core.pngmeta import format_parameters
@@ -146,6 +148,28 @@ def _check_families(main: SDModel, others: Mapping[str, SDModel]) -> None:
                              "GCFG run must be of the main model's family")
 
 
+def _check_concept_family(concept_unet: nn.Module, main) -> None:
+    concept = ModelFamily.SDXL if is_sdxl_unet(concept_unet) else ModelFamily.SD1
+    if concept is not base_family(main.family):
+        raise ValueError(f"the concept model is an {concept.label} UNet ({concept.value}), but the main model "
+                         f"{main.name!r} is {main.family.label} ({main.family.value}): a concept model guides main "
+                         "models of its own family")
+
+
+class SizeConditionedUNet(nn.Module):
+    """An SDXL null-text UNet with its `vector` input fixed for one generation: the stored pooled part and the
+    images' size embeddings (one `SizeConditioning` for every image). Called like a text-free UNet."""
+
+    def __init__(self, unet: nn.Module, sizes: SizeConditioning) -> None:
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("vector", nulltext_vector(unet, sizes), persistent=False)
+
+    def forward(self, x: Tensor, timesteps: Tensor, context=None, **kwargs) -> Tensor:
+        vector = self.vector.to(x.device).expand(x.shape[0], -1)
+        return self.unet(x, timesteps, context=None, y=vector)
+
+
 def _to_pil(images: Tensor) -> list[Image.Image]:
     pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(np.ascontiguousarray(array)) for array in pixels]
@@ -187,7 +211,8 @@ def generate(
     Models are `SDModel`s (SD 1.x) or `SDXLModel`s, all of the main model's family; each is run with its own
     parameterisation and schedule, and the sampler follows the main model's schedule. `extra_models` maps the
     checkpoint names that terms use (``+2 @name prompt``) to models. `concept_unet` is a text-free (null-text)
-    SD 1.x UNet on the SD 1 schedule; its term has weight ``request.gcfg.concept_weight``. For SDXL, every image
+    UNet of the main model's family (an SDXL one gets its fixed pooled input and the images' size embeddings) on
+    the SD 1 schedule; its term has weight ``request.gcfg.concept_weight``. For SDXL, every image
     is conditioned on `request.sdxl_size` (default: its own width and height, crop (0, 0)). Images are decoded
     with the main model's VAE (the prior's if it has none).
     """
@@ -204,8 +229,7 @@ def generate(
     text_models = {**extra_models, ModelSlot.PRIOR.value: prior, ModelSlot.MAIN.value: main}
     available: dict[str, object] = dict(text_models)
     if concept_unet is not None:
-        if base_family(main.family) is not ModelFamily.SD1:
-            raise ValueError(f"concept models are SD 1.x UNets; the main model {main.name!r} is {main.family.label}")
+        _check_concept_family(concept_unet, main)
         available[ModelSlot.CONCEPT.value] = concept_unet
     _check_plan(plan, available)
     if main.vae is None and prior.vae is None:
@@ -217,10 +241,15 @@ def generate(
         if id(slot_model) not in by_model:
             by_model[id(slot_model)] = UNetDenoiser(slot_model.unet, slot_model.alphas_cumprod, slot_model.prediction)
         denoisers[slot] = by_model[id(slot_model)]
-    if concept_unet is not None:
-        denoisers[ModelSlot.CONCEPT.value] = UNetDenoiser(concept_unet, prior.alphas_cumprod)
-
     sizes = request.sdxl_size or SizeConditioning.for_image(request.width, request.height)
+    if concept_unet is not None:
+        if is_sdxl_unet(concept_unet):
+            # Trained as ε on the base's scaled-linear schedule, whatever the main model's parameterisation.
+            denoisers[ModelSlot.CONCEPT.value] = UNetDenoiser(SizeConditionedUNet(concept_unet, sizes),
+                                                              sd1_alphas_cumprod())
+        else:
+            denoisers[ModelSlot.CONCEPT.value] = UNetDenoiser(concept_unet, prior.alphas_cumprod)
+
     conds = _encode_conds(plan, text_models, request.clip_skip, sizes)
     sigmas = schedule_sigmas(spec, scheduler, request.steps, denoisers[ModelSlot.MAIN.value])
     model = GCFGDenoiser(denoisers, plan, conds, sigmas)

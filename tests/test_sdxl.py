@@ -206,7 +206,8 @@ def test_mixing_sd1_and_sdxl_models_is_refused_either_way(tiny_model, tiny_sdxl)
 
 
 def test_an_sd1_concept_unet_is_refused_on_sdxl(tiny_model, tiny_sdxl):
-    with pytest.raises(ValueError, match="concept models are SD 1.x UNets.*SDXL"):
+    with pytest.raises(ValueError, match=r"the concept model is an SD 1\.x UNet \(sd1\), but the main model .* is "
+                                         r"SDXL \(sdxl\)"):
         generate(small_request(), prior=tiny_sdxl, concept_unet=tiny_model.unet, progress=False)
 
 
@@ -229,12 +230,11 @@ def test_cli_refuses_bad_model_arguments(tiny_sdxl_checkpoint, tmp_path, capsys,
     assert message in capsys.readouterr().err
 
 
-def test_cli_refuses_a_concept_model_on_sdxl(tiny_sdxl_checkpoint, tiny_checkpoint, tmp_path, capsys):
+def test_cli_refuses_a_checkpoint_given_as_concept_model(tiny_sdxl_checkpoint, tiny_checkpoint, tmp_path, capsys):
     args = ["sample", "--prior", str(tiny_sdxl_checkpoint), "--concept", str(tiny_checkpoint), "--out", str(tmp_path)]
     assert cli_main(args) == 2
     error = capsys.readouterr().err
-    assert f"--concept {tiny_checkpoint}: concept models are SD 1.x UNets" in error
-    assert str(tiny_sdxl_checkpoint) in error
+    assert f"--concept {tiny_checkpoint}: this is a Stable Diffusion checkpoint, not a concept model" in error
 
 
 def test_cli_size_flags_need_an_sdxl_model(tiny_checkpoint, tmp_path, capsys):

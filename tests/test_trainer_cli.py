@@ -134,7 +134,7 @@ def test_bad_paths_and_values_are_refused_before_any_work_naming_the_flag(tmp_pa
                                                                           monkeypatch):
     from trainer import data, loop
 
-    monkeypatch.setattr(loop, "load_sd_checkpoint", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr(data, "scan_dataset", lambda *a, **k: pytest.fail("the dataset was scanned"))
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -183,6 +183,7 @@ def test_an_unwritable_job_dir_is_refused_before_the_scan(tmp_path, tiny_checkpo
 
 def test_sample_checks_its_flags_before_loading_models(tmp_path, tiny_checkpoint, capsys, monkeypatch):
     import gcfg_core.concept_file
+    import gcfg_core.model_files
     import gcfg_core.models
 
     job = _finished_job(tmp_path, tiny_checkpoint, step=4)
@@ -195,6 +196,7 @@ def test_sample_checks_its_flags_before_loading_models(tmp_path, tiny_checkpoint
 
     save_file({"x": torch.zeros(1)}, str(checkpoint.concept_path), metadata=header)
     monkeypatch.setattr(gcfg_core.models, "load_sd_checkpoint", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(gcfg_core.model_files, "load_checkpoint", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr(gcfg_core.concept_file, "load_concept_model", lambda *a, **k: pytest.fail("loaded"))
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -264,7 +266,7 @@ def test_preflight_refuses_a_full_disk_before_any_model_is_loaded_or_cache_writt
     from trainer import loop
 
     _tiny_disk(monkeypatch)
-    monkeypatch.setattr(loop, "load_sd_checkpoint", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(loop, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
     assert main(["-q", "train", *cli_args(tmp_path, tiny_checkpoint)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: needs ") and "free disk" in err and "has 0.0 GB" in err

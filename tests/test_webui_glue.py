@@ -39,7 +39,8 @@ def fake_env(tmp_path_factory):
     from gcfg_core.parameterization import Parameterization, Prediction
     from gcfg_core.sdxl import random_sdxl_model, save_sdxl_checkpoint
 
-    save_sdxl_checkpoint(fake_runtime.FakeSDXLModel(seed=0).sd, checkpoints / "sdxl-same.safetensors")
+    sdxl_main = fake_runtime.FakeSDXLModel(seed=0).sd
+    save_sdxl_checkpoint(sdxl_main, checkpoints / "sdxl-same.safetensors")
     save_sdxl_checkpoint(random_sdxl_model(seed=1), checkpoints / "sdxl-prior.safetensors")
     save_sdxl_checkpoint(random_sdxl_model(seed=0, parameterization=Parameterization(Prediction.V)),
                          checkpoints / "sdxl-vpred.safetensors")
@@ -51,10 +52,35 @@ def fake_env(tmp_path_factory):
     (root / "GCFG").mkdir()
     save_concept_model(root / "GCFG" / "face.safetensors", convert_to_nulltext(base.unet, vectors),
                        ConceptMetadata())
+    write_sdxl_concepts(root / "GCFG", sdxl_main)
     yield SimpleNamespace(harness=harness, runtime=fake_runtime, names=names)
     sys.path.remove(str(FAKE_ROOT))
     for name in [name for name in sys.modules if name.split(".")[0] in ("modules", "harness", "fake_runtime")]:
         del sys.modules[name]
+
+
+def write_sdxl_concepts(folder: Path, main) -> None:
+    """Two SDXL concept files: `xl-face` calibrated on another random SDXL model, and `xl-identity`, the main UNet
+    whose every attn2 is its output on a zero context (to_k/to_v have no bias: exactly to_out's bias) with a zero
+    pooled input — so on the host's empty negative (zero text, size embeddings kept) it predicts the host's own
+    uncond rows, and the concept term adds nothing."""
+    from gcfg_core.concept_file import ConceptMetadata, save_concept_model
+    from gcfg_core.conditioning import SizeConditioning, size_embedding
+    from gcfg_core.nulltext import calibrate_nulltext, convert_to_nulltext, transformer_block_names
+    from gcfg_core.sdxl import random_sdxl_model
+
+    other = random_sdxl_model(seed=3)
+    context, pooled = other.encode_text([""])
+    vector = torch.cat([pooled, size_embedding([SizeConditioning((64, 64))])], dim=-1)
+    with torch.no_grad():
+        vectors = calibrate_nulltext(other.unet, torch.randn(2, 4, 8, 8), context, vector=vector)
+    save_concept_model(folder / "xl-face.safetensors", convert_to_nulltext(other.unet, vectors, pooled),
+                       ConceptMetadata(base_family="sdxl"))
+    unet = copy.deepcopy(main.unet)
+    biases = {name: unet.get_submodule(name).attn2.to_out[0].bias.detach().reshape(1, 1, -1)
+              for name in transformer_block_names(unet)}
+    save_concept_model(folder / "xl-identity.safetensors", convert_to_nulltext(unet, biases, torch.zeros_like(pooled)),
+                       ConceptMetadata(base_family="sdxl"))
 
 
 @pytest.fixture
@@ -839,7 +865,9 @@ def test_sdxl_extra_term_equals_the_and_prompt(fake):
     (True, {"prior": "prior.safetensors"}, "prior", ("SD 1.x", "SDXL")),
     (False, {"prior": "sdxl-prior.safetensors"}, "prior", ("SDXL", "SD 1.x")),
     (True, {"terms": "+1 @same.safetensors a dog"}, "terms", ("SD 1.x", "SDXL")),
-    (True, {"concept": "face.safetensors"}, "concept", ("SD 1.x concept", "SDXL")),
+    (True, {"concept": "face.safetensors"}, "concept", ("face.safetensors", "an SD 1.x base (sd1)", "SDXL (sdxl)")),
+    (False, {"concept": "xl-face.safetensors"}, "concept", ("xl-face.safetensors", "an SDXL base (sdxl)",
+                                                            "SD 1.x (sd1)")),
 ])
 def test_family_mismatches_are_refused_naming_both_models(fake, sdxl_main, named, argument, words):
     from gcfg_webui.errors import GCFGRequestError
@@ -895,3 +923,30 @@ def test_autoguidance_with_the_main_model_as_prior_is_the_plain_prompt(fake, sdx
                         settings_args(enabled=True, uncond_prompt="prompt"))
     torch.testing.assert_close(without_prior, cfg_one, rtol=1e-3, atol=1e-3)
     assert "main" in fake.last_stats()[0].extra_rows  # E₀ = the current model with the prompt, run by GCFG
+
+
+# --- SDXL concept models ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sampler", "hires"), [("Euler", True), ("DDIM", False)])
+def test_an_sdxl_concept_equal_to_the_hosts_uncond_adds_nothing(fake, sampler, hires):
+    """`xl-identity` predicts the host's empty-negative rows only when the glue feeds it the vector [its pooled
+    part | this pass's size embeddings]: with the hires pass at twice the size, a wrong size or pooled part on
+    either pass would move the image."""
+    fake.use_main_model(sdxl=True)
+    p_args = dict(batch_size=2, sampler_name=sampler, enable_hr=hires, hr_negative_prompt="")
+    off = run(fake, fake.processing(**p_args), [False])
+    on = run(fake, fake.processing(**p_args), settings_args(enabled=True, concept="xl-identity.safetensors",
+                                                            concept_weight=2.0))
+    stats = fake.last_stats()
+    assert len(stats) == (2 if hires else 1) and all(s.per_call()["concept"] == 2.0 for s in stats)
+    torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-4)
+
+
+def test_an_sdxl_concept_term_changes_the_image_by_its_weight(fake):
+    fake.use_main_model(sdxl=True)
+    off = run(fake, fake.processing(batch_size=2), [False])
+    results = [run(fake, fake.processing(batch_size=2), settings_args(enabled=True, concept="xl-face.safetensors",
+                                                                      concept_weight=weight)) for weight in (1.0, 2.0)]
+    assert not torch.allclose(results[0], off, atol=1e-3) and not torch.allclose(results[1], results[0], atol=1e-3)
+    assert fake.last_stats()[0].per_call() == {"webui": 4.0, "concept": 2.0}

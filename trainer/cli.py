@@ -323,8 +323,15 @@ def _sample_spec(args: argparse.Namespace, trained: dict):
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from gcfg_core.concept_file import load_concept_model, read_concept_metadata
-    from gcfg_core.models import load_sd_checkpoint
+    from gcfg_core.checkpoint import CheckpointError
+    from gcfg_core.concept_file import (
+        ConceptFileError,
+        concept_family_for,
+        load_concept_model,
+        read_concept_metadata,
+        require_concept_family,
+    )
+    from gcfg_core.model_files import file_family, load_checkpoint
     from trainer.checkpoints import resolve_checkpoint
     from trainer.previews import render_grid, save_png
 
@@ -340,12 +347,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     source = Path(args.source)
     concept_path = source if source.is_file() else resolve_checkpoint(source).concept_path
     metadata = read_concept_metadata(concept_path)
+    try:
+        prior_family = file_family(args.prior)
+    except CheckpointError as exc:
+        raise UsageError(f"--prior {exc}") from None
+    family = concept_family_for(prior_family)
+    if family is None:
+        raise UsageError(f"--prior {args.prior!r} is {prior_family.label}; concept models guide SD 1.x and SDXL models")
+    try:
+        require_concept_family(concept_path, metadata, family, main=f"(--prior) {args.prior}")
+    except ConceptFileError as exc:
+        raise UsageError(str(exc)) from None
     spec = _sample_spec(args, metadata.train_config or {})
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    concept, metadata = load_concept_model(concept_path, device=device, dtype=dtype)
-    prior = load_sd_checkpoint(args.prior, device=device, dtype=dtype, compute_hash=False)
+    concept, metadata = load_concept_model(concept_path, device=device, dtype=dtype, expected_family=family)
+    prior = load_checkpoint(args.prior, device=device, dtype=dtype, compute_hash=False)
     grid, description = render_grid(spec, prior, concept)
     out = save_png(grid, out, f"{description}; concept {concept_path} ({metadata.steps} steps)")
     sys.stdout.write(f"wrote {out}\n")

@@ -46,6 +46,14 @@ class ResizePolicy(str, enum.Enum):
 AUTO = "auto"  # a memory option the preflight chooses from the device's free memory (trainer.memory)
 
 
+class ModelFamily(str, enum.Enum):
+    """The base model's family, which fixes the concept UNet's architecture and conditioning."""
+
+    AUTO = "auto"  # read from the base checkpoint's keys
+    SD1 = "sd1"  # SD 1.x: 16 cross-attention blocks
+    SDXL = "sdxl"  # SDXL base layout: 70 cross-attention blocks, pooled text and size embeddings
+
+
 class Optimizer(str, enum.Enum):
     AUTO = AUTO
     ADAMW = "adamw"  # torch.optim.AdamW, fp32 states (16 B/param with grads and weights)
@@ -93,9 +101,14 @@ class TrainConfig:
 
     # --- where (required)
     dataset_dir: str = field(metadata=_help("Folder of training images, searched recursively (jpg/png/webp/bmp)."))
-    base_checkpoint: str = field(metadata=_help("SD 1.5 checkpoint the concept UNet starts from (.safetensors/.ckpt)."))
+    base_checkpoint: str = field(
+        metadata=_help("SD 1.5 or SDXL base checkpoint the concept UNet starts from (.safetensors/.ckpt)."))
     job_dir: str = field(metadata=_help("Job folder: config, status, events, log, cache, checkpoints, previews."))
     name: str = field(metadata=_help("Job name; letters, digits, '.', '_' and '-' (used in file names)."))
+    model_family: ModelFamily = field(
+        default=ModelFamily.AUTO,
+        metadata=_help("Base model family: 'auto' (read from the base checkpoint), 'sd1' or 'sdxl'; a checkpoint of "
+                       "another family is refused."))
     # --- data
     resolution: int = field(default=512, metadata=_help(
         "Training size in pixels (a multiple of 64): the square's side, or the pixel count of a bucket, ≈ side²."))
@@ -333,6 +346,7 @@ RESUME_FIXED_REASONS: dict[str, str] = {
     "validation_fraction": "the held-out images are left out of the data order",
     "validation_min_images": "the held-out images are left out of the data order",
     "base_checkpoint": "the concept UNet started from it and the null-text vectors were calibrated on it",
+    "model_family": "the concept UNet's architecture and conditioning follow from it",
     "batch_size": _ORDER, "seed": _ORDER,
     "optimizer": "the checkpoint holds this optimizer's state",
     "weight_dtype": "the run's weights and their rounding follow from it",
@@ -406,7 +420,7 @@ def config_fields() -> tuple[FieldSpec, ...]:
 # --- coercion and validation (pure helpers)
 
 _FIELD_TYPES: dict[str, Any] = {
-    "dataset_dir": str, "base_checkpoint": str, "job_dir": str, "name": str,
+    "dataset_dir": str, "base_checkpoint": str, "job_dir": str, "name": str, "model_family": ModelFamily,
     "resolution": int, "resize_policy": ResizePolicy, "min_image_size": int, "flip": bool,
     "aspect_buckets": bool, "bucket_max_aspect": float, "masked_loss": bool, "mask_dir": str,
     "validation_fraction": float, "validation_min_images": int, "validation_every_steps": int,
@@ -552,10 +566,57 @@ def _path_problems(c: TrainConfig) -> list[str]:
 
     if not Path(c.base_checkpoint).is_file():
         p.append(f"base_checkpoint={c.base_checkpoint!r} is not an existing file")
+    else:
+        p.extend(_family_problems(c))
     problem = folder_problem(Path(c.job_dir))
     if problem:
         p.append(f"job_dir={c.job_dir!r} {problem}")
     return p
+
+
+def checkpoint_family(path: str | os.PathLike) -> str:
+    """The trainable family ("sd1", "sdxl") of a base checkpoint, from its header; `ConfigError` for any other."""
+    from gcfg_core.checkpoint import CheckpointError, base_family
+    from gcfg_core.checkpoint import ModelFamily as FileFamily
+    from gcfg_core.model_files import file_family
+
+    try:
+        family = file_family(path)
+    except CheckpointError as e:
+        raise ConfigError(f"base_checkpoint={os.fspath(path)!r} cannot be read: {e}") from e
+    if family in (FileFamily.SD1, FileFamily.SDXL):
+        return family.value
+    hint = f" (its base family is {base_family(family).label})" if base_family(family) is not family else ""
+    raise ConfigError(f"base_checkpoint={os.fspath(path)!r} is {family.label}{hint}; concept UNets are trained from "
+                      "an SD 1.x or an SDXL base checkpoint (text-to-image, 4-channel UNet)")
+
+
+def resolved_family(c: TrainConfig) -> str:
+    """The job's family: `model_family`, or the base checkpoint's when 'auto'; a mismatch is a `ConfigError`."""
+    found = checkpoint_family(c.base_checkpoint)
+    if c.model_family is not ModelFamily.AUTO and c.model_family.value != found:
+        labels = {"sd1": "SD 1.x", "sdxl": "SDXL"}
+        raise ConfigError(f"model_family={c.model_family.value!r} ({labels[c.model_family.value]}) but "
+                          f"base_checkpoint={c.base_checkpoint!r} is an {labels[found]} checkpoint ({found}); "
+                          f"use model_family='{found}' or 'auto', or another base checkpoint")
+    return found
+
+
+def _family_problems(c: TrainConfig) -> list[str]:
+    """A family the trainer cannot use, or one other than `model_family`; a file whose header cannot be read is
+    reported when it is loaded, with the loader's own message."""
+    from gcfg_core.checkpoint import CheckpointError
+    from gcfg_core.model_files import file_family
+
+    try:
+        file_family(c.base_checkpoint)
+    except (CheckpointError, OSError):
+        return []
+    try:
+        resolved_family(c)
+    except ConfigError as e:
+        return list(e.problems)
+    return []
 
 
 def folder_problem(path: Path) -> str | None:

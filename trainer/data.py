@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from gcfg_core.conditioning import SizeConditioning
 from trainer.config import ResizePolicy
 
 log = logging.getLogger("gcfg.trainer.data")
@@ -296,6 +297,27 @@ def load_mask(image_path: str | os.PathLike, mask_path: str | os.PathLike | None
             mask = mask.resize((width, height), Image.Resampling.BILINEAR)
     resized = resize_to(mask, size, policy)
     return torch.from_numpy(np.asarray(resized, dtype=np.float32).copy())[None].div_(255.0)
+
+
+def size_conditioning(record: ImageRecord, resolution: int, policy: ResizePolicy | str, *,
+                      flipped: bool = False) -> SizeConditioning:
+    """SDXL's micro-conditioning of one training image as `resize_to_square` makes it: (original size, crop, target).
+
+    As in SDXL's own training: the original size is the image's (height, width) after EXIF rotation; the crop is
+    the (top, left) corner of the kept square in the pixels of the image resized so its short side is
+    `resolution`; the target size is (`resolution`, `resolution`). `squash` crops nothing. A flipped copy mirrors
+    the crop's left edge. Aspect-ratio buckets replace this function with one that returns the bucket's values.
+    """
+    original = (record.height, record.width)
+    target = (resolution, resolution)
+    if ResizePolicy(policy) is ResizePolicy.SQUASH or record.width == record.height:
+        return SizeConditioning(original, (0, 0), target)
+    scale = resolution / min(record.width, record.height)
+    resized_w, resized_h = round(record.width * scale), round(record.height * scale)
+    top, left = (resized_h - resolution) // 2, (resized_w - resolution) // 2
+    if flipped:
+        left = resized_w - resolution - left
+    return SizeConditioning(original, (top, left), target)
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

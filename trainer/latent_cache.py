@@ -271,17 +271,18 @@ class LatentCache:
         return torch.from_numpy(np.ascontiguousarray(np.stack(rows)))
 
     def sample_latents(self, indices: Sequence[int], generator: torch.Generator | None = None,
-                       device: torch.device | str | None = None) -> torch.Tensor:
-        """Scaled latents `(mean + exp(logvar / 2) · n) · 0.18215`, n ~ N(0, 1) drawn from `generator`.
+                       device: torch.device | str | None = None, *, scale_factor: float = SCALE_FACTOR) -> torch.Tensor:
+        """Scaled latents `(mean + exp(logvar / 2) · n) · scale_factor`, n ~ N(0, 1) drawn from `generator`.
 
-        Same as ldm's `DiagonalGaussianDistribution.sample()` times the SD 1 scale factor (logvar clamped to
-        [-30, 20] as ldm does); a fixed generator state gives bit-identical latents, as exact resume needs.
+        Same as ldm's `DiagonalGaussianDistribution.sample()` times the model's scale factor (SD 1's 0.18215 by
+        default, SDXL's 0.13025; logvar clamped to [-30, 20] as ldm does); a fixed generator state gives
+        bit-identical latents, as exact resume needs.
         """
         mean, logvar = self.moments(indices).chunk(2, dim=1)
         gen_device = generator.device if generator is not None else torch.device("cpu")
         noise = torch.randn(mean.shape, generator=generator, device=gen_device, dtype=torch.float32).cpu()
         std = torch.exp(0.5 * logvar.clamp(_LOGVAR_MIN, _LOGVAR_MAX))
-        latents = (mean + std * noise) * SCALE_FACTOR
+        latents = (mean + std * noise) * scale_factor
         return latents if device is None else latents.to(device)
 
 

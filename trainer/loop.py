@@ -1,7 +1,9 @@
 """Preparation and the training loop of the null-text concept UNet (paper §4.3), read top to bottom like nanoGPT.
 
 `prepare` scans the images, VAE-encodes them once into the latent cache and calibrates the null-text vectors on
-the base model. `train` then fine-tunes every UNet parameter on eps-prediction MSE over the SD 1 schedule.
+the base model. `train` then fine-tunes every UNet parameter on eps-prediction MSE over the SD 1 schedule (which
+SDXL shares). The base is SD 1.x or SDXL (`trainer.family`); an SDXL concept UNet also gets its vector input:
+the empty prompt's pooled text embedding, fixed, and each image's size embeddings.
 
 Exact resume: every random draw of micro-batch `m` of optimizer step `s` comes from a CPU `torch.Generator`
 seeded with a hash of (seed, s, m) — timesteps, noise, the VAE posterior sample — and the data order is a seeded
@@ -38,12 +40,20 @@ from torch import nn
 
 from gcfg_core.attention import use_sdpa_attention
 from gcfg_core.concept_file import ConceptMetadata, load_concept_model, save_concept_model
+from gcfg_core.conditioning import SizeConditioning
 from gcfg_core.configs import sd1_alphas_cumprod
 from gcfg_core.fileio import atomic_path, atomic_write_text
-from gcfg_core.models import load_sd_checkpoint
 from gcfg_core.nulltext import calibrate_nulltext, convert_to_nulltext
 from trainer import checkpoints
-from trainer.buckets import Bucket, BucketBatches, bucket_histogram, dataset_buckets, dominant_bucket, entry_groups
+from trainer.buckets import (
+    Bucket,
+    BucketBatches,
+    bucket_histogram,
+    dataset_buckets,
+    dataset_geometry,
+    dominant_bucket,
+    entry_groups,
+)
 from trainer.config import (
     EMADevice,
     FusedBackward,
@@ -52,9 +62,19 @@ from trainer.config import (
     TrainConfig,
     WeightDtype,
     check_resume_length,
+    resolved_family,
 )
 from trainer.data import mask_files, masks_fingerprint, scan_dataset
 from trainer.distributed import JobReporter, make_accelerator, release_accelerator, resolve_device
+from trainer.family import (
+    SDXL,
+    VECTOR_INPUT_FILE,
+    VectorInput,
+    empty_prompt_text,
+    entry_sizes,
+    latent_scale_factor,
+    load_base,
+)
 from trainer.jobfolder import JobFolder, JobState
 from trainer.latent_cache import (
     CacheInterrupted,
@@ -168,10 +188,13 @@ def loss_weights_min_snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, 
 
 
 def diffusion_loss(model: nn.Module, latents: torch.Tensor, generator: torch.Generator,
-                   alphas_cumprod: torch.Tensor, config: TrainConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
+                   alphas_cumprod: torch.Tensor, config: TrainConfig, mask: torch.Tensor | None = None,
+                   vector: torch.Tensor | None = None) -> torch.Tensor:
     """Eps-prediction MSE of one micro-batch; noise and timesteps come from `generator` (always on the CPU).
 
-    `mask` `[B, 1, h, w]` (masked loss) weights each latent pixel (trainer.validation.masked_mse)."""
+    `mask` `[B, 1, h, w]` (masked loss) weights each latent pixel (trainer.validation.masked_mse); `vector`: an
+    SDXL UNet's vector input, one row per latent (None for SD 1.x).
+    """
     batch, channels = latents.shape[:2]
     timesteps = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
@@ -181,7 +204,8 @@ def diffusion_loss(model: nn.Module, latents: torch.Tensor, generator: torch.Gen
     device = latents.device
     timesteps, noise = timesteps.to(device), noise.to(device)
     noisy = noisy_latents(latents, noise, timesteps, alphas_cumprod)
-    prediction = model(noisy, timesteps, context=None)  # null-text UNet: no context at all
+    extra = {} if vector is None else {"y": vector}
+    prediction = model(noisy, timesteps, context=None, **extra)  # null-text UNet: no context at all
     if mask is None:
         per_sample = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
     else:
@@ -417,6 +441,8 @@ def read_prepared(job: JobFolder, config: TrainConfig) -> Prepared | None:
     prepared = Prepared.from_dict(json.loads(path.read_text(encoding="utf-8")))
     if {**PREPARE_INPUTS_BEFORE, **prepared.inputs} != prepare_inputs(config):
         return None
+    if prepared.base_family == SDXL and not (job.path / VECTOR_INPUT_FILE).is_file():
+        return None
     return prepared if open_latent_cache(job.cache_dir, prepared.cache_key) is not None else None
 
 
@@ -457,7 +483,8 @@ def _prepare(config: TrainConfig, job: JobFolder, device: torch.device, stop: St
     if masks is not None:
         log.info("masked loss: %d of %d images have a mask file (others: alpha channel or every pixel)",
                  sum(m is not None for m in masks), len(masks))
-    base = load_sd_checkpoint(config.base_checkpoint, device=device, dtype=torch.float32)
+    family = resolved_family(config)
+    base = load_base(config.base_checkpoint, family, device=device)
     key = CacheKey(dataset_fingerprint=scan.fingerprint, vae_sha256=base.sha256 or "", resolution=config.resolution,
                    resize_policy=config.resize_policy.value, flip=config.flip,
                    # all square: the key (and cache) of a run without buckets, so an older job's cache stays valid
@@ -481,9 +508,24 @@ def _prepare(config: TrainConfig, job: JobFolder, device: torch.device, stop: St
     group = [e for e in range(len(cache)) if cache.entry_size(e) == (dominant.width, dominant.height)]
     count = min(config.calibration_images, len(group))
     generator = torch.Generator().manual_seed(seed_for("calibration", config.seed))
-    latents = cache.sample_latents([group[i] for i in global_batch(len(group), config.seed, 0, count)], generator)
-    vectors = calibrate_nulltext(base.unet, latents, base.encode_prompts([""]), seed=config.seed,
-                                 alphas_cumprod=base.alphas_cumprod, batch_size=config.cache_batch_size)
+    indices = [group[i] for i in global_batch(len(group), config.seed, 0, count)]
+    latents = cache.sample_latents(indices, generator, scale_factor=latent_scale_factor(family))
+    if family == SDXL:
+        context, pooled = empty_prompt_text(base)
+        # Each image's (original size, crop, target size) as its bucket makes it (trainer.buckets).
+        geometry = dataset_geometry([(r.width, r.height) for r in scan.images], config)
+
+        def size_of(image: int, flipped: bool) -> SizeConditioning:
+            g = geometry[image].flipped() if flipped else geometry[image]
+            return SizeConditioning(g.original_size, g.crop_top_left, g.target_size)
+
+        vector_input = VectorInput(pooled, entry_sizes(len(cache), cache.entry, size_of))
+        vector_input.save(job.path / VECTOR_INPUT_FILE)
+        vectors = calibrate_nulltext(base.unet, latents, context, seed=config.seed, alphas_cumprod=base.alphas_cumprod,
+                                     batch_size=config.cache_batch_size, vector=vector_input.vectors(indices))
+    else:
+        vectors = calibrate_nulltext(base.unet, latents, base.encode_prompts([""]), seed=config.seed,
+                                     alphas_cumprod=base.alphas_cumprod, batch_size=config.cache_batch_size)
     with atomic_path(job.path / NULLTEXT_FILE) as tmp:
         save_file({name: v.contiguous() for name, v in vectors.items()}, str(tmp),
                   metadata={"base_sha256": base.sha256 or "", "calibration_images": str(count)})
@@ -556,14 +598,17 @@ def resume_state(checkpoint: checkpoints.CheckpointInfo) -> dict[str, Any]:
 
 
 def load_training_unet(config: TrainConfig, job: JobFolder, checkpoint: checkpoints.CheckpointInfo | None,
-                       state: dict[str, Any] | None) -> nn.Module:
-    """The fp32 null-text UNet to train: the base UNet converted with the job's vectors, or a checkpoint's."""
+                       state: dict[str, Any] | None, family: str = "sd1",
+                       vector_input: VectorInput | None = None) -> nn.Module:
+    """The fp32 null-text UNet to train: the base UNet converted with the job's vectors (and, for SDXL, its fixed
+    pooled input), or a checkpoint's."""
     if checkpoint is None:
-        base = load_sd_checkpoint(config.base_checkpoint, parts=("unet",), compute_hash=False)
+        base = load_base(config.base_checkpoint, family, unet_only=True, compute_hash=False)
         vectors = load_file(str(job.path / NULLTEXT_FILE))
-        unet = convert_to_nulltext(base.unet, vectors)
+        unet = convert_to_nulltext(base.unet, vectors, vector_input.pooled if vector_input is not None else None)
     else:
-        unet, _ = load_concept_model(checkpoint.concept_path, device="cpu", dtype=torch.float32)
+        unet, _ = load_concept_model(checkpoint.concept_path, device="cpu", dtype=torch.float32,
+                                     expected_family=family)
         if state is not None and state.get("unet") is not None:
             unet.load_state_dict(state["unet"])
     unet.train()
@@ -665,6 +710,9 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
     if held_out:
         log.info("validation: %d of %d images held out", len(held_out), cache.num_images)
     alphas_cumprod = sd1_alphas_cumprod().to(device)
+    family = prepared.base_family
+    scale_factor = latent_scale_factor(family)
+    vector_input = VectorInput.load(job.path / VECTOR_INPUT_FILE) if family == SDXL else None
 
     # --- model, optimizer and (on resume) their state
     checkpoint = checkpoints.latest_checkpoint(job.checkpoints_dir) if resume else None
@@ -673,7 +721,7 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
     state = resume_state(checkpoint) if checkpoint else None
     options = run_memory_options(config, state, device, world, accelerator)
     reporter.event({"type": "memory_options", **options.to_dict()})
-    unet = load_training_unet(config, job, checkpoint, state)
+    unet = load_training_unet(config, job, checkpoint, state, family, vector_input)
     if options.weight_dtype is WeightDtype.BF16:
         cast_weights_to_bf16(unet)
     unet = unet.to(device)
@@ -712,7 +760,8 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
         """The held-out loss of the training weights (process 0, the unwrapped UNet: no DDP collective)."""
         with accelerator.autocast():
             value = validation_loss(unet, cache, held_out, config.seed, alphas_cumprod,
-                                    batch_size=config.micro_batch_size, device=device)
+                                    batch_size=config.micro_batch_size, device=device, scale_factor=scale_factor,
+                                    vectors=None if vector_input is None else vector_input.vectors)
         log.info("step %d: validation loss %.5g on %d held-out images", at_step, value, len(held_out))
         reporter.event({"type": "validation", "step": at_step, "loss": value, "images": len(held_out)})
 
@@ -741,10 +790,11 @@ def _train(config: TrainConfig, job: JobFolder, reporter: JobReporter, accelerat
         for a, micro_batch in enumerate(rank_micro_batches(indices, accumulation, world, rank)):
             generator = micro_batch_generator(config.seed, step, a * world + rank)
             with accelerator.accumulate(model):
-                latents = cache.sample_latents(micro_batch, generator).to(device)
+                latents = cache.sample_latents(micro_batch, generator, scale_factor=scale_factor).to(device)
                 mask = cache.masks(micro_batch)
+                vector = vector_input.vectors(micro_batch).to(device) if vector_input is not None else None
                 loss = diffusion_loss(model, latents, generator, alphas_cumprod, config,
-                                      None if mask is None else mask.to(device))
+                                      mask=None if mask is None else mask.to(device), vector=vector)
                 loss_sum += loss.detach()
                 if options.fused_backward and not math.isfinite(loss.item()):
                     break  # the backward would update the weights: stop before it (handled below)

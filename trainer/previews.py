@@ -19,7 +19,8 @@ from PIL import Image, PngImagePlugin
 from torch import nn
 
 from gcfg_core.fileio import atomic_path
-from gcfg_core.models import SDModel, load_sd_checkpoint
+from gcfg_core.model_files import load_checkpoint
+from gcfg_core.models import SDModel
 from gcfg_core.params import GCFGSettings
 from gcfg_core.pipeline import GenerationRequest, generate
 from trainer.config import TrainConfig
@@ -116,7 +117,7 @@ class PreviewRenderer:
     def prior(self) -> SDModel:
         if self._prior is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-            self._prior = load_sd_checkpoint(self.base_checkpoint, device="cpu", dtype=dtype, compute_hash=False)
+            self._prior = load_checkpoint(self.base_checkpoint, device="cpu", dtype=dtype, compute_hash=False)
         return self._prior
 
     def render(self, concept_unet: nn.Module, step: int) -> Path:

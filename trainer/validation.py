@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -65,15 +65,20 @@ def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
 @torch.no_grad()
 def validation_loss(model: nn.Module, cache, images: Sequence[int], seed: int, alphas_cumprod: torch.Tensor, *,
                     batch_size: int, device: torch.device | str = "cpu",
-                    timesteps: Sequence[int] = VALIDATION_TIMESTEPS) -> float:
-    """Mean loss of `model` over `images` (unflipped cache entries) × `timesteps` (module docstring)."""
+                    timesteps: Sequence[int] = VALIDATION_TIMESTEPS, scale_factor: float = SCALE_FACTOR,
+                    vectors: Callable[[Sequence[int]], torch.Tensor] | None = None) -> float:
+    """Mean loss of `model` over `images` (unflipped cache entries) × `timesteps` (module docstring).
+
+    `scale_factor`: the VAE's latent scale (SDXL's differs); `vectors(entries)`: an SDXL UNet's vector input rows.
+    """
     from trainer.loop import noisy_latents, seed_for
 
     total, count = 0.0, 0
     for group in entry_groups([cache.entry_size(i) for i in range(len(cache))], list(images)):
         for start in range(0, len(group), batch_size):
             chunk = list(group[start:start + batch_size])
-            mean = cache.moments(chunk).chunk(2, dim=1)[0] * SCALE_FACTOR
+            mean = cache.moments(chunk).chunk(2, dim=1)[0] * scale_factor
+            extra = {} if vectors is None else {"y": vectors(chunk).to(device)}
             mask = cache.masks(chunk)
             for t in timesteps:
                 noise = torch.stack([torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(
@@ -81,7 +86,7 @@ def validation_loss(model: nn.Module, cache, images: Sequence[int], seed: int, a
                 steps = torch.full((len(chunk),), t, dtype=torch.long)
                 latents, noise, steps = mean.to(device), noise.to(device), steps.to(device)
                 prediction = model(noisy_latents(latents, noise, steps, alphas_cumprod.to(device)), steps,
-                                   context=None)
+                                   context=None, **extra)
                 losses = masked_mse(prediction, noise, None if mask is None else mask.to(device))
                 total += float(losses.sum())
                 count += len(chunk)

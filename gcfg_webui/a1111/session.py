@@ -155,11 +155,7 @@ def load(generation: Generation, p) -> None:
     if any(term.model == ModelSlot.CONCEPT.value for term in generation.terms):
         if not settings.concept:
             raise GCFGRequestError("terms", "an @concept term needs a concept model")
-        if base_family(main_family()) is not ModelFamily.SD1:
-            raise GCFGRequestError("concept", f"{settings.concept!r} is an SD 1.x concept model and the main model "
-                                              f"{_main_title()!r} is {main_family().label}; concept UNets for SDXL "
-                                              "are not made by the trainer yet")
-        generation.concept = side_models.load_concept(settings.concept)
+        generation.concept = side_models.load_concept(settings.concept, main_family(), _main_title())
     for term in generation.terms:
         if term.model not in (ModelSlot.MAIN.value, ModelSlot.PRIOR.value, ModelSlot.CONCEPT.value):
             generation.checkpoints[term.model] = _load_side_checkpoint(term.model, "terms")
@@ -248,7 +244,9 @@ class _PassBuilder:
         generation = self.generation
         model_name, prompt = key
         if model_name == ModelSlot.CONCEPT.value:
-            return side_models.context_source(model_name, self._side_runner(model_name, generation.concept), None)
+            concept = generation.concept
+            encoded = side_models.concept_conditioning(concept, _size_conditioning(self.p)) if concept.is_sdxl else None
+            return side_models.context_source(model_name, self._side_runner(model_name, concept), encoded)
         if model_name == ModelSlot.PRIOR.value and generation.prior is not None:
             return side_models.context_source(model_name, self._side_runner(model_name, generation.prior),
                                               self._encoded(generation.prior, prompt or ""))

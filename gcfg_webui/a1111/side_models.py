@@ -32,8 +32,10 @@ from gcfg_core.checkpoint import (
     read_state_dict_shapes,
 )
 from gcfg_core.conditioning import SDXLConditioning, SizeConditioning
+from gcfg_core.configs import sd1_alphas_cumprod
 from gcfg_core.denoiser import UNetDenoiser
 from gcfg_core.model_files import file_family, load_checkpoint
+from gcfg_core.nulltext import nulltext_vector
 from gcfg_core.parameterization import Parameterization, Prediction
 from gcfg_webui.a1111.rows import ModelRunner, RowSource, SamplerSpace
 from gcfg_webui.errors import GCFGRequestError
@@ -184,23 +186,47 @@ def _load_text_encoders(filename: str, argument: str):
     return model
 
 
-def load_concept(name: str) -> ExtraModel:
-    """A concept (null-text) UNet from the concept folder, cached."""
-    from gcfg_core.concept_file import ConceptFileError, load_concept_model
+def load_concept(name: str, main_family: ModelFamily, main_title: str) -> ExtraModel:
+    """A concept (null-text) UNet from the concept folder, cached; its family (from the file's header, before any
+    weight loads) must be the main model's, else the 422 names both models and families."""
+    from gcfg_core.concept_file import (
+        ConceptFileError,
+        concept_family_for,
+        load_concept_model,
+        read_concept_metadata,
+        require_concept_family,
+    )
 
     path = resolve_concept(name)
+    family = concept_family_for(main_family)
+    try:
+        require_concept_family(name, read_concept_metadata(path), family, main=repr(main_title))
+    except ConceptFileError as error:
+        raise GCFGRequestError("concept", str(error)) from error
     key = ("concept", path, str(devices.dtype_unet))
 
     def load() -> ExtraModel:
         try:
-            unet, metadata = load_concept_model(path, device=devices.cpu, dtype=torch.float32)
+            unet, metadata = load_concept_model(path, device=devices.cpu, dtype=torch.float32, expected_family=family)
         except ConceptFileError as error:
             raise GCFGRequestError("concept", str(error)) from error
         unet.to(device=_load_device(), dtype=devices.dtype_unet).requires_grad_(False)
-        logger.info("GCFG: loaded concept model %s (%s steps)", name, metadata.steps)
+        logger.info("GCFG: loaded concept model %s (%s, %s steps)", name, metadata.family_label, metadata.steps)
+        if metadata.base_family == "sdxl":
+            # Trained as ε on the scaled-linear schedule: converted like any side model when the main model is
+            # v-prediction or zero-terminal-SNR.
+            return ExtraModel(name=name, unet=unet, family=ModelFamily.SDXL, filename=path,
+                              alphas_cumprod=sd1_alphas_cumprod())
         return ExtraModel(name=name, unet=unet, filename=path)
 
     return CACHE.get(key, load, _capacity())
+
+
+def concept_conditioning(concept: ExtraModel, sizes: SizeConditioning) -> SDXLConditioning:
+    """An SDXL concept UNet's condition for this pass: its fixed pooled part with the pass's size embeddings as the
+    vector; the context is a placeholder (the null-text UNet has no cross-attention to read it)."""
+    vector = nulltext_vector(concept.unet, sizes)
+    return SDXLConditioning(torch.zeros(1, 1, concept.unet.config.context_dim), vector)
 
 
 def empty_context(prior: ExtraModel) -> Tensor:
