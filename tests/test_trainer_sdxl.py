@@ -112,9 +112,9 @@ def test_python_m_trainer_trains_an_sdxl_concept_unet_and_resume_is_exact(tmp_pa
     stop = loop.StopFlag()
     fed = []
 
-    def recording_loss(model, latents, generator, alphas_cumprod, config, vector=None):
+    def recording_loss(model, latents, generator, alphas_cumprod, config, mask=None, vector=None):
         fed.append(vector.detach().clone())
-        return diffusion_loss(model, latents, generator, alphas_cumprod, config, vector=vector)
+        return diffusion_loss(model, latents, generator, alphas_cumprod, config, mask=mask, vector=vector)
 
     diffusion_loss = loop.diffusion_loss
     monkeypatch.setattr(loop, "diffusion_loss", recording_loss)
