@@ -511,6 +511,9 @@ def test_process_identity_compares_path_components(tmp_path):
                                 str(tmp_path / "face2" / "config.json")])
     try:
         created = psutil.Process(sleeper.pid).create_time()
+        # Until the child's command line is readable the start time alone decides (supervisor.process_matches);
+        # this test is about comparing the command line, so it waits for it.
+        wait_until(lambda: psutil.Process(sleeper.pid).cmdline(), "the child's command line")
         assert jobs.process_matches(sleeper.pid, created, tmp_path / "face2")
         assert not jobs.process_matches(sleeper.pid, created, tmp_path / "face")
         assert not jobs.process_matches(sleeper.pid, None, tmp_path / "face")
