@@ -37,10 +37,13 @@ $venv/bin/python -m pytest -q -p no:cacheprovider \
   tests/test_guidance.py tests/test_terms.py tests/test_syntax.py tests/test_params.py tests/test_tokenizer.py \
   tests/test_models.py tests/test_nulltext.py tests/test_denoiser.py tests/test_sampling.py tests/test_checkpoint.py \
   tests/test_concept_file.py tests/test_cli.py tests/test_fileio.py \
+  tests/test_coefficients.py tests/test_parameterization.py tests/test_sdxl.py tests/test_sdxl_unet.py \
+  tests/test_openclip.py \
   tests/test_webui_glue.py tests/test_route_access.py tests/test_training_tab.py tests/test_jobs_api.py \
   tests/test_install.py tests/test_import_boundaries.py \
   tests/test_jobfolder.py tests/test_job_scheduler.py tests/test_job_publisher.py tests/test_job_supervisor.py \
   tests/test_stopping.py tests/test_trainer_config.py \
+  tests/test_train_memory.py tests/test_buckets.py tests/test_checkpoint_slim.py tests/test_sdxl_concept.py \
   "tests/test_trainer_cli.py::test_cli_prepare_train_status_sample_resume" \
   "tests/test_jobs.py::test_real_trainer_start_progress_stop_resume_complete"
 echo "old stack: done after $((SECONDS - start)) s" >&2

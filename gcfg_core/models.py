@@ -11,11 +11,12 @@ concept files through this module without building ldm networks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
 import pathlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -152,11 +153,18 @@ def build_unet(
     dtype: torch.dtype = torch.float32,
 ) -> UNetModel:
     """An ldm `UNetModel`: loaded from a bare UNet state dict (meta build, no double allocation) or random."""
+    return build_network("UNet", functools.partial(instantiate_unet, config), state_dict, device, dtype)
+
+
+def build_network(what: str, instantiate: Callable[..., nn.Module], state_dict: Mapping[str, torch.Tensor] | None,
+                  device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    """`instantiate(meta=...)` random on `device`, or built on the meta device and given `state_dict`'s tensors
+    (checked against the network's keys and shapes first, so a wrong file names what differs)."""
     if state_dict is None:
-        return instantiate_unet(config, meta=False).to(device=device, dtype=dtype)
-    unet = instantiate_unet(config, meta=True)
-    check_state_dict("UNet", unet.state_dict(), state_dict)
-    return load_state_dict_assigned(unet, state_dict, device, dtype)
+        return instantiate(meta=False).to(device=device, dtype=dtype)
+    network = instantiate(meta=True)
+    check_state_dict(what, network.state_dict(), state_dict)
+    return load_state_dict_assigned(network, state_dict, device, dtype)
 
 
 class VAE(nn.Module):

@@ -18,6 +18,7 @@ zeros, the size embeddings stay). Prompt emphasis syntax is not parsed (as for S
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import pathlib
@@ -54,13 +55,12 @@ from gcfg_core.models import (
     StateDictMismatchError,
     _jitter_norms_,
     atomic_save_safetensors,
+    build_network,
     build_text_encoder,
     build_vae,
-    check_state_dict,
     dezero_,
     infer_text_encoder_config,
     infer_vae_config,
-    load_state_dict_assigned,
     tokenize_chunks,
 )
 from gcfg_core.openclip import (
@@ -89,11 +89,7 @@ def build_sdxl_unet(
     dtype: torch.dtype = torch.float32,
 ) -> SDXLUNet:
     """An `SDXLUNet`: loaded from a bare sgm UNet state dict (meta build, no double allocation) or random."""
-    if state_dict is None:
-        return instantiate_sdxl_unet(config, meta=False).to(device=device, dtype=dtype)
-    unet = instantiate_sdxl_unet(config, meta=True)
-    check_state_dict("SDXL UNet", unet.state_dict(), state_dict)
-    return load_state_dict_assigned(unet, state_dict, device, dtype)
+    return build_network("SDXL UNet", functools.partial(instantiate_sdxl_unet, config), state_dict, device, dtype)
 
 
 def _split(state_dict: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:

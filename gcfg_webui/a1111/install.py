@@ -14,19 +14,17 @@ Everything is per instance, so nothing shared is patched and nothing outlives th
 
 from __future__ import annotations
 
-import functools
 import logging
 
 from gcfg_webui.a1111 import routing
 from gcfg_webui.a1111.combine import gcfg_combine
 from gcfg_webui.a1111.passes import PassController
+from gcfg_webui.schedule_capture import WRAPPER_FLAG as _WRAPPER_FLAG
+from gcfg_webui.schedule_capture import unwrap_attribute, unwrap_schedule, wrap_schedule
 
 logger = logging.getLogger("gcfg.a1111.install")
 
-_WRAPPER_FLAG = "_gcfg_wrapper"
 CONTROLLER_ATTRIBUTE = "_gcfg_controller"
-# (method name, whether the values it returns are in descending order)
-_SCHEDULE_METHODS = (("get_sigmas", True), ("get_timesteps", False))
 
 
 def controller_of(denoiser) -> PassController | None:
@@ -77,7 +75,7 @@ def install(denoiser, sampler, controller: PassController) -> None:
         denoiser.combine_denoised = combine_denoised
     controller.foreign_combine = combines_with_foreign_wrapper(denoiser)
     wrap_inner_forward(denoiser, controller)
-    _wrap_schedule(sampler, controller)
+    wrap_schedule(sampler, controller)
 
 
 def wrap_inner_forward(denoiser, controller: PassController) -> None:
@@ -106,51 +104,16 @@ def wrap_inner_forward(denoiser, controller: PassController) -> None:
     controller.wrapped_inner(inner, original)
 
 
-def _wrap_schedule(sampler, controller: PassController) -> None:
-    for name, descending in _SCHEDULE_METHODS:
-        original = sampler.__dict__.get(name) or getattr(sampler, name, None)
-        if original is None or _is_ours(original):
-            continue
-
-        def capture(*args, _original=original, _descending=descending, **kwargs):
-            values = _original(*args, **kwargs)
-            active = getattr(sampler, "_gcfg_schedule_controller", None)
-            if active is not None:
-                active.set_schedule(values, _descending)
-            return values
-
-        wrapper = functools.wraps(original)(capture)
-        setattr(wrapper, _WRAPPER_FLAG, True)
-        wrapper.gcfg_original = original
-        setattr(sampler, name, wrapper)
-    sampler._gcfg_schedule_controller = controller
-
-
-def _unwrap(owner, name: str) -> None:
-    """Undo our instance attribute `name` if it is the outermost one (else leave it inert)."""
-    current = owner.__dict__.get(name)
-    if current is None or not _is_ours(current):
-        return
-    original = current.gcfg_original
-    if getattr(original, "__self__", None) is owner and getattr(original, "__func__", None) is getattr(
-            type(owner), name, None):
-        delattr(owner, name)
-    else:
-        setattr(owner, name, original)
-
-
 def remove(denoiser, sampler=None) -> None:
     """Detach the controller and undo every wrapper where it is still the outermost one."""
     if hasattr(denoiser, CONTROLLER_ATTRIBUTE):
         setattr(denoiser, CONTROLLER_ATTRIBUTE, None)
-    _unwrap(denoiser, "combine_denoised")
+    unwrap_attribute(denoiser, "combine_denoised")
     inner = getattr(denoiser, "model_wrap", None)  # not the property: it would build a wrapper
     if inner is not None:
-        _unwrap(inner, "forward")
+        unwrap_attribute(inner, "forward")
     if sampler is not None:
-        for name, _ in _SCHEDULE_METHODS:
-            _unwrap(sampler, name)
-        sampler.__dict__.pop("_gcfg_schedule_controller", None)
+        unwrap_schedule(sampler)
 
 
 def install_failure(denoiser, error: Exception) -> None:

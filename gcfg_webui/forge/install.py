@@ -19,7 +19,6 @@ once the pass's controller is detached.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 from gcfg_webui.forge.combine import gcfg_post_cfg
@@ -28,9 +27,6 @@ from gcfg_webui.forge.routing import gcfg_wrapper
 
 logger = logging.getLogger("gcfg.forge.install")
 
-_SCHEDULE_METHODS = (("get_sigmas", True), ("get_timesteps", False))
-_WRAPPER_FLAG = "_gcfg_wrapper"
-_SCHEDULE_ATTRIBUTE = "_gcfg_schedule_controller"
 
 
 class _Holder:
@@ -81,39 +77,6 @@ def install(unet, controller: PassController, side_patchers) -> _Holder:
         if patcher not in unet.extra_model_patchers_during_sampling:
             unet.add_extra_model_patcher_during_sampling(patcher)
     return holder
-
-
-def wrap_schedule(sampler, controller: PassController) -> None:
-    """Capture the schedule the sampler computes, for GCFG's steps (idempotent per sampler)."""
-    for name, descending in _SCHEDULE_METHODS:
-        original = sampler.__dict__.get(name) or getattr(sampler, name, None)
-        if original is None or getattr(original, _WRAPPER_FLAG, False):
-            continue
-
-        def capture(*args, _original=original, _descending=descending, **kwargs):
-            values = _original(*args, **kwargs)
-            active = getattr(sampler, _SCHEDULE_ATTRIBUTE, None)
-            if active is not None:
-                active.set_schedule(values, _descending)
-            return values
-
-        wrapper = functools.wraps(original)(capture)
-        setattr(wrapper, _WRAPPER_FLAG, True)
-        wrapper.gcfg_original = original
-        setattr(sampler, name, wrapper)
-    setattr(sampler, _SCHEDULE_ATTRIBUTE, controller)
-
-
-def unwrap_schedule(sampler) -> None:
-    for name, _ in _SCHEDULE_METHODS:
-        current = sampler.__dict__.get(name)
-        if current is not None and getattr(current, _WRAPPER_FLAG, False):
-            original = current.gcfg_original
-            if getattr(original, "__self__", None) is sampler:
-                delattr(sampler, name)
-            else:
-                setattr(sampler, name, original)
-    sampler.__dict__.pop(_SCHEDULE_ATTRIBUTE, None)
 
 
 def install_failure(denoiser, error: Exception) -> None:

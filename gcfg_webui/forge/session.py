@@ -15,6 +15,7 @@ from modules import prompt_parser, shared
 
 from gcfg_core.coefficients import GuidanceWeights
 from gcfg_core.terms import ModelSlot
+from gcfg_webui import schedule_capture
 from gcfg_webui.errors import GCFGRequestError
 from gcfg_webui.forge import install, side_models
 from gcfg_webui.forge.batching import common_length, repeat_to
@@ -208,7 +209,7 @@ def begin_pass(p, generation: Generation) -> None:
     holder = install.install(unet, controller, _side_patchers(generation))
     original = model.forge_objects.unet
     model.forge_objects.unet = unet
-    install.wrap_schedule(sampler, controller)
+    schedule_capture.wrap_schedule(sampler, controller)
     generation.stats.append(controller.stats)
     setattr(p, _PASS_ATTRIBUTE, (holder, unet, original, sampler))
 
@@ -223,7 +224,7 @@ def _drop_unused_pass(p, generation: Generation) -> None:
     if controller is not None and controller.stats.calls == 0 and controller.stats in generation.stats:
         generation.stats.remove(controller.stats)
     holder.controller = None
-    install.unwrap_schedule(sampler)
+    schedule_capture.unwrap_schedule(sampler)
     model = shared.sd_model
     if getattr(getattr(model, "forge_objects", None), "unet", None) is unet:
         model.forge_objects.unet = original
@@ -237,7 +238,7 @@ def end_generation(p) -> Generation | None:
     if previous is not None:
         holder, unet, original, sampler = previous
         holder.controller = None
-        install.unwrap_schedule(sampler)
+        schedule_capture.unwrap_schedule(sampler)
         model = shared.sd_model
         if getattr(getattr(model, "forge_objects", None), "unet", None) is unet:
             model.forge_objects.unet = original
