@@ -46,15 +46,16 @@ async function waitForStatus(page, state, what) {
     await page.waitForSelector(".gcfg-train-empty");
     await checkSingleLine(page, ["gcfg_train_name", "gcfg_train_dataset_dir"]);
 
-    // The form: a tiny job (16 images of 64 px, batch 4, 12 steps), previews every 3 steps.
+    // The form: a tiny job (16 images of 64 px, batch 4, 60 steps: long enough that Stop lands mid-run on an idle
+    // machine, where a step takes well under a second), previews every 10 steps.
     await fill(page, "gcfg_train_name", jobName);
     await fill(page, "gcfg_train_dataset_dir", datasetDir);
     await fill(page, "gcfg_train_resolution", 64);
-    await fill(page, "gcfg_train_max_steps", 12);
+    await fill(page, "gcfg_train_max_steps", 60);
     await fill(page, "gcfg_train_batch_size", 4);
     await fill(page, "gcfg_train_micro_batch_size", 2);
     await fill(page, "gcfg_train_checkpoint_every_steps", 3);
-    await fill(page, "gcfg_train_preview_every_steps", 3);
+    await fill(page, "gcfg_train_preview_every_steps", 10);
     await page.locator("#gcfg_train_advanced").getByText("Advanced").first().click();
     await checkSingleLine(page, ["gcfg_train_preview_seeds", "gcfg_train_preview_sampler"]);
     await fill(page, "gcfg_train_min_image_size", 0);
