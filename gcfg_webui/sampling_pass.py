@@ -77,3 +77,10 @@ class RowStats:
         """UNet calls per denoiser call by model (the main model's count includes the host's own calls)."""
         calls = max(self.calls, 1)
         return {name: count / calls for name, count in sorted(self.model_calls.items())}
+
+
+def pass_is_noop(weights, has_negative, prior, host_row_is_uncond: bool) -> bool:
+    """Whether no call of a pass can change a row: no terms, a classic negative, and E₀ wanted nowhere (every
+    image has its own negative prompt, or there is no prior and the host's uncond row is E₀ itself)."""
+    return (not weights.terms and weights.negative_scale is None
+            and (all(has_negative) or (prior is None and host_row_is_uncond)))

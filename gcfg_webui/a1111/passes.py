@@ -21,7 +21,7 @@ from torch import Tensor
 
 from gcfg_core.coefficients import GuidanceWeights, StepCoefficients, step_coefficients
 from gcfg_webui.a1111.rows import Condition, ModelRunner, RowSource, RowStats, TermKey, unique_keys
-from gcfg_webui.sampling_pass import Schedule
+from gcfg_webui.sampling_pass import Schedule, pass_is_noop
 from gcfg_webui.uncond_slot import ImageNeeds, image_needs
 
 logger = logging.getLogger("gcfg.a1111.passes")
@@ -45,9 +45,7 @@ class PassPlan:
 
     @property
     def is_noop(self) -> bool:
-        """True when no call can change a row: no terms, a classic negative, and E₀ wanted nowhere."""
-        return (not self.weights.terms and self.classic
-                and (all(self.has_negative) or (self.prior is None and self.host_row_is_uncond)))
+        return pass_is_noop(self.weights, self.has_negative, self.prior, self.host_row_is_uncond)
 
 
 @dataclass(frozen=True)

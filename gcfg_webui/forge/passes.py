@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from torch import Tensor
 
 from gcfg_core.coefficients import GuidanceWeights, StepCoefficients, step_coefficients
-from gcfg_webui.sampling_pass import RowStats, Schedule, TermKey, unique_keys
+from gcfg_webui.sampling_pass import RowStats, Schedule, TermKey, pass_is_noop, unique_keys
 from gcfg_webui.uncond_slot import ImageNeeds, Slot, image_needs
 
 logger = logging.getLogger("gcfg.forge.passes")
@@ -56,8 +56,7 @@ class PassPlan:
 
     @property
     def is_noop(self) -> bool:
-        return (not self.weights.terms and self.classic
-                and (all(self.has_negative) or (self.prior is None and self.host_row_is_uncond)))
+        return pass_is_noop(self.weights, self.has_negative, self.prior, self.host_row_is_uncond)
 
     @property
     def needs_uncond_at_cfg_one(self) -> bool:
