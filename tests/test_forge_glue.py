@@ -414,6 +414,33 @@ def test_bad_input_fails_at_the_first_denoiser_call_with_a_422(forge):
     assert caught.value.status_code == 422 and caught.value.argument == "prior"
 
 
+def test_a_backend_that_samples_without_gcfgs_hooks_raises_instead_of_an_unguided_image(forge, monkeypatch):
+    """A Forge whose sampling reads none of the UNet patcher's hooks (a changed backend, a continuation GCFG was not
+    proven on) samples as if GCFG were off, and no hook of GCFG's would notice: the first such step raises."""
+    from modules import sd_samplers_cfg_denoiser
+
+    from gcfg_webui.errors import GCFGRequestError
+
+    real = sd_samplers_cfg_denoiser.sampling_function
+    hooks = ("conditioning_modifiers", "model_function_wrapper", "sampler_post_cfg_function")
+
+    def without_hooks(denoiser, params, cond_scale, conds_list):
+        options = denoiser.inner_model.inner_model.forge_objects.unet.model_options
+        saved = {key: options.pop(key) for key in hooks if key in options}
+        try:
+            return real(denoiser, params, cond_scale, conds_list)
+        finally:
+            options.update(saved)
+
+    monkeypatch.setattr(sd_samplers_cfg_denoiser, "sampling_function", without_hooks)
+    with pytest.raises(GCFGRequestError) as caught:
+        run(forge, on(terms="+1 a dog"))
+    assert caught.value.argument == "enabled" and "hooks were not called" in caught.value.detail
+    assert forge.engine.unet.calls and len(forge.engine.unet.calls) == 1  # one step ran, then it stopped
+    off = run(forge, [False])  # GCFG off: nothing is checked, the host samples as it likes
+    assert off is not None
+
+
 def test_a_refiner_switch_is_refused_before_sampling(forge):
     from gcfg_webui.errors import GCFGRequestError
 

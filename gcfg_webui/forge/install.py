@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import logging
 
+from gcfg_webui.errors import GCFGRequestError
 from gcfg_webui.forge.combine import gcfg_post_cfg
-from gcfg_webui.forge.passes import PassController, mark_ours
+from gcfg_webui.forge.passes import PassController, is_ours, mark_ours
 from gcfg_webui.forge.routing import gcfg_wrapper
 
 logger = logging.getLogger("gcfg.forge.install")
-
 
 
 class _Holder:
@@ -86,8 +86,37 @@ def install_failure(denoiser, error: Exception) -> None:
     def forward(*args, **kwargs):
         raise error
 
-    denoiser.forward = forward
+    denoiser.forward = mark_ours(forward)
+
+
+def hooks_not_called_error() -> GCFGRequestError:
+    return GCFGRequestError("enabled", "GCFG's hooks were not called during a denoiser step: this Forge build "
+                                       "samples without the UNet patcher's conditioning modifiers that GCFG's "
+                                       "Forge adapter uses, so the image would not be guided; disable GCFG on this "
+                                       "host")
+
+
+def install_call_check(denoiser, holder: _Holder) -> None:
+    """Make every denoiser call of the pass check that it went through GCFG's conditioning modifier.
+
+    A Forge whose sampling function no longer calls the patcher's hooks (a changed backend, a continuation GCFG
+    was not proven on) would otherwise sample an unguided image without a word; this way the first such step
+    raises, in the sampling path, where Forge does not swallow it.
+    """
+    inner = type(denoiser).forward.__get__(denoiser)
+
+    def forward(*args, **kwargs):
+        controller = holder.controller
+        calls_before = None if controller is None else controller.stats.calls
+        result = inner(*args, **kwargs)
+        if controller is not None and holder.controller is controller and controller.stats.calls == calls_before:
+            raise hooks_not_called_error()
+        return result
+
+    denoiser.forward = mark_ours(forward)
 
 
 def remove_failure(denoiser) -> None:
-    denoiser.__dict__.pop("forward", None)
+    """Take off what `install_failure` or `install_call_check` put on the denoiser (nobody else's forward)."""
+    if is_ours(denoiser.__dict__.get("forward")):
+        del denoiser.__dict__["forward"]

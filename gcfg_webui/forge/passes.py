@@ -151,7 +151,7 @@ class PassController:
     def host_reads_slot(self, model_options: dict) -> bool:
         """Whether something besides GCFG reads Forge's uncond prediction: DDIM CFG++'s renoising direction, another
         extension's CFG function (dynamic thresholding) or post-CFG function (PAG, …)."""
-        posts = [fn for fn in model_options.get("sampler_post_cfg_function", []) if not _is_ours(fn)]
+        posts = [fn for fn in model_options.get("sampler_post_cfg_function", []) if not is_ours(fn)]
         return (bool(getattr(self.denoiser, "need_last_noise_uncond", False))
                 or "sampler_cfg_function" in model_options or bool(posts))
 
@@ -196,7 +196,7 @@ class PassController:
 GCFG_HOOK_FLAG = "_gcfg_forge_hook"
 
 
-def _is_ours(function) -> bool:
+def is_ours(function) -> bool:
     return getattr(function, GCFG_HOOK_FLAG, False)
 
 

@@ -207,6 +207,7 @@ def begin_pass(p, generation: Generation) -> None:
         install.install_failure(denoiser, error)
         return
     holder = install.install(unet, controller, _side_patchers(generation))
+    install.install_call_check(denoiser, holder)
     original = model.forge_objects.unet
     model.forge_objects.unet = unet
     schedule_capture.wrap_schedule(sampler, controller)
