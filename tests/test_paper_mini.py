@@ -88,3 +88,35 @@ def test_total_variation():
     assert detect.total_variation([1, 0], [0, 1]) == 1.0
     assert detect.total_variation([2, 2], [1, 1]) == 0.0
     assert detect.total_variation([3, 1], [1, 1]) == pytest.approx(0.25)
+
+
+def test_a_change_upstream_reruns_every_stage_that_reads_it():
+    """A longer base invalidates the stages built on it (their cache markers), and nothing before it."""
+    import dataclasses
+
+    from paper_mini import run
+
+    plan = run.Plan()
+    longer = dataclasses.replace(plan, base=dataclasses.replace(plan.base, steps=plan.base.steps + 1))
+    changed = {name for name in run.STAGES if run.stage_settings(name, plan) != run.stage_settings(name, longer)}
+    assert changed == {"base", "finetune", "dreambooth", "concept", "table", "sweep", "docs"}
+    more_decoder = dataclasses.replace(plan, decoder=dataclasses.replace(plan.decoder, steps=plan.decoder.steps + 1))
+    changed = {name for name in run.STAGES
+               if run.stage_settings(name, plan) != run.stage_settings(name, more_decoder)}
+    assert changed == {"decoder", "table", "sweep", "docs"}
+
+
+def test_a_finished_stage_is_skipped_also_when_its_settings_hold_tuples(tmp_path):
+    """The marker is JSON (tuples come back as lists): a rerun with the same settings must still skip the stage."""
+    from paper_mini.stages import run_stage
+
+    runs = []
+
+    def body():
+        runs.append(1)
+        return {"value": len(runs)}
+
+    assert run_stage(tmp_path, "stage", {"snapshots": (20, 40)}, body) == {"value": 1}
+    assert run_stage(tmp_path, "stage", {"snapshots": (20, 40)}, body) == {"value": 1}
+    assert run_stage(tmp_path, "stage", {"snapshots": (20, 40, 60)}, body) == {"value": 2}
+    assert len(runs) == 2

@@ -36,6 +36,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[2]
@@ -80,19 +81,22 @@ class Plan:
     base_images: int = 12000
     concept_images: int = 3000
     eval_images: int = 2000
-    # Sized for a shared 2-core CPU where one training step of batch 32 takes ~4 s and one 25-step image ~3 s
-    # (the first plan, 3000 base steps and 800 per fine-tune, would have taken about 8 hours there): see the README.
+    # Sized for a 2-core CPU: one training step of batch 32 takes 0.35-0.6 s on a core of its own (one torch thread
+    # per process; two processes of two threads each on two cores were 8-10 times slower) and a 15-step image
+    # ~0.5 s. The base needs its 4000 steps: its noise prediction starts to depend on the caption only after about
+    # a thousand (README).
     vae: train.VAESettings = train.VAESettings()
     decoder: train.DecoderSettings = train.DecoderSettings(steps=300)
-    # No EMA for a run this short: a 0.999 average would still hold 0.999^400 = 67 % of the initialisation.
-    base: train.UNetSettings = train.UNetSettings(steps=400, batch_size=32, learning_rate=4e-4, warmup=200,
+    # No EMA: the run is short for a 0.999 average (0.999^4000 = 2 % of the initialisation, but the average lags
+    # the caption-following that appears late) and the fine-tunes must start from the trained weights themselves.
+    base: train.UNetSettings = train.UNetSettings(steps=4000, batch_size=32, learning_rate=4e-4, warmup=200,
                                                   ema_decay=0.0, uncond_probability=0.1, save_every=50)
-    finetune: train.UNetSettings = train.UNetSettings(seed=1, steps=40, batch_size=32, learning_rate=5e-4,
-                                                      warmup=5, uncond_probability=0.0, save_every=10,
-                                                      snapshot_steps=(20, 40))
-    dreambooth: train.UNetSettings = train.UNetSettings(seed=2, steps=40, batch_size=32, learning_rate=5e-4,
-                                                        warmup=5, uncond_probability=0.0, save_every=10)
-    concept_steps: int = 40  # same steps, batch and learning rate as the fine-tunes
+    finetune: train.UNetSettings = train.UNetSettings(seed=1, steps=300, batch_size=32, learning_rate=5e-4,
+                                                      warmup=5, uncond_probability=0.0, save_every=50,
+                                                      snapshot_steps=(50, 100, 200, 300))
+    dreambooth: train.UNetSettings = train.UNetSettings(seed=2, steps=300, batch_size=32, learning_rate=5e-4,
+                                                        warmup=5, uncond_probability=0.0, save_every=50)
+    concept_steps: int = 300  # same steps, batch and learning rate as the fine-tunes
     concept_batch: int = 32
     concept_learning_rate: float = 5e-4
     text_seed: int = 0
@@ -689,8 +693,9 @@ STAGE_FUNCTIONS = {
     "base": stage_base, "finetune": stage_finetune, "dreambooth": stage_dreambooth, "concept": stage_concept,
     "table": stage_table, "sweep": stage_sweep, "docs": stage_docs,
 }
-# What each stage's result depends on (a change in any of them reruns it).
-STAGE_SETTINGS = {
+# What each stage's own result depends on; `stage_settings` adds the settings of the stages it reads, so that a
+# change upstream (a longer base) reruns everything after it instead of leaving stale results.
+OWN_SETTINGS = {
     "data": lambda p: [p.base_images, p.concept_images, p.eval_images],
     "detectors": lambda p: [p.eval_images, p.concept_images],
     "vae": lambda p: dataclasses.asdict(p.vae),
@@ -705,6 +710,20 @@ STAGE_SETTINGS = {
                         list(p.sweep_rows), p.seed0],
     "docs": lambda p: [],
 }
+READS = {
+    "detectors": ("data",), "vae": ("data",), "latents": ("vae",), "decoder": ("latents",), "base": ("latents",),
+    "finetune": ("base",), "dreambooth": ("base",), "concept": ("base",),
+    "table": ("decoder", "finetune", "dreambooth", "concept"),
+    "sweep": ("decoder", "finetune", "dreambooth", "concept"),
+    "docs": ("table", "sweep"),
+}
+
+
+def stage_settings(name: str, plan: Plan) -> Any:
+    """The stage's own settings and, if it reads other stages, theirs (recursively)."""
+    own = OWN_SETTINGS[name](plan)
+    reads = READS.get(name, ())
+    return own if not reads else {"own": own, "reads": {dep: stage_settings(dep, plan) for dep in reads}}
 
 
 def headline(ctx: Context) -> dict:
@@ -756,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)} or 'assets'")
     for name in args.stages or STAGES:
         try:
-            run_stage(cache, name, STAGE_SETTINGS[name](plan), lambda name=name: STAGE_FUNCTIONS[name](ctx))
+            run_stage(cache, name, stage_settings(name, plan), lambda name=name: STAGE_FUNCTIONS[name](ctx))
         except (CheckpointError, FileNotFoundError) as error:
             log.error("stage %s needs the earlier stages: %s", name, error)
             return 2

@@ -30,6 +30,7 @@ def read_marker(cache: Path, name: str) -> dict | None:
 
 def run_stage(cache: Path, name: str, settings: dict[str, Any], body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run `body` unless a marker with the same settings exists; returns the stage's result dict."""
+    settings = json.loads(json.dumps(settings))  # as the marker stores it (tuples become lists)
     marker = read_marker(cache, name)
     if marker is not None and marker.get("settings") == settings:
         log.info("stage %s: done (cached), skipping", name)
