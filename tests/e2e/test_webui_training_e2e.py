@@ -33,10 +33,14 @@ BASE_FITS_MAIN = HOST != FORGE or os.environ.get("GCFG_E2E_TRAIN_BASE_FITS") == 
 FAILURES = {"failed", "cancelled", "interrupted"}
 
 
+API_AUTH = os.environ.get("GCFG_E2E_API_AUTH", "")  # user:password of a WebUI started with --api-auth
+
+
 @pytest.fixture(scope="module")
 def client():
     httpx = pytest.importorskip("httpx")
-    with httpx.Client(base_url=URL, timeout=BACKSTOP_S) as session:
+    auth = tuple(API_AUTH.split(":", 1)) if API_AUTH else None
+    with httpx.Client(base_url=URL, timeout=BACKSTOP_S, auth=auth) as session:
         yield session
 
 
