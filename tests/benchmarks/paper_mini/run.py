@@ -106,11 +106,12 @@ class Plan:
     uncond_seeds: int = 16
     cfg_scale: float = 2.5  # the paper's w_control
     concept_weight: float = 2.5  # the paper's w_concept
-    sweep_seeds: int = 1
-    sweep_prompts: int = 4  # the first of each colour's two control prompts, alternating backgrounds
-    sweep_weights: tuple[float, ...] = (2.25, 2.5, 2.75)
-    sweep_cfg: tuple[float, ...] = (2.25, 2.5, 2.75)
-    sweep_rows: tuple[str, ...] = ()  # the other rows swept over the CFG scale
+    sweep_seeds: int = 3  # per prompt: 24 images per cell
+    sweep_prompts: int = 8  # every control prompt
+    # From a concept that barely shows to the paper's 2.5, at the table's CFG and at twice it.
+    sweep_weights: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5)
+    sweep_cfg: tuple[float, ...] = (2.5, 5.0)
+    sweep_rows: tuple[str, ...] = ("finetune_cfg", "finetune_prior", "dreambooth")  # swept over the CFG scale
     grid_seeds: int = 3
     round_trip_images: int = 200  # per set, for the decoder's check
     seed0: int = 1000
