@@ -61,3 +61,11 @@ def test_kohya_run_uses_the_settings_of_ours(bench, tmp_path):
     bf16 = bench.kohya_fine_tune_args(tmp_path, tmp_path, tmp_path, tmp_path, resolution=128, batch=2, steps=6,
                                       learning_rate=1e-5, setting="bf16-adafactor")
     assert "--full_bf16" in bf16 and bf16[bf16.index("--optimizer_type") + 1] == "Adafactor"
+
+
+def test_kohya_metadata_keys_are_the_image_files_relative_to_their_folder(bench, tmp_path):
+    for name in ("b.png", "a.png"):
+        (tmp_path / name).write_bytes(b"")
+    metadata = bench.kohya_metadata(tmp_path)
+    assert list(metadata) == ["a.png", "b.png"] and metadata["a.png"] == {"caption": ""}
+    assert all((tmp_path / key).is_file() for key in metadata)  # sd-scripts opens image_dir / key

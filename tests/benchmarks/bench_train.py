@@ -213,6 +213,12 @@ def kohya_fine_tune_args(checkpoint: Path, data: Path, metadata: Path, output: P
             "0", *KOHYA_SETTINGS[setting][1]]
 
 
+def kohya_metadata(images: Path) -> dict[str, dict]:
+    """fine_tune.py's `--in_json`: an empty caption per image, keyed by the file's path relative to the image folder
+    (how sd-scripts v0.10 resolves a key; older versions took the stem)."""
+    return {path.name: {"caption": ""} for path in sorted(images.glob("*.png"))}
+
+
 def ours_child(config_json: str, out_path: str) -> None:
     """Train `config_json`'s job from scratch; write step end times and the resident-set peak after each step."""
     config = TrainConfig.from_json(config_json)
@@ -244,7 +250,7 @@ def kohya_main(args: argparse.Namespace) -> None:
         root = Path(tmp)
         make_images(root / "data", 16, resolution)
         metadata = root / "meta.json"
-        metadata.write_text(json.dumps({p.stem: {"caption": ""} for p in sorted((root / "data").glob("*.png"))}))
+        metadata.write_text(json.dumps(kohya_metadata(root / "data")))
         checkpoint = Path(args.checkpoint) if args.checkpoint else root / "sd15.safetensors"
         if not args.checkpoint:  # full-size SD 1.5 layout, random weights (several GB of RAM while written)
             model = random_sd_model(SD1, seed=0)
@@ -258,6 +264,14 @@ def kohya_main(args: argparse.Namespace) -> None:
                            calibration_images=4, checkpoint_every_steps=0, checkpoint_every_minutes=0,
                            preview_every_steps=0, max_grad_norm=1.0, ema_decay=0.0, keep_last=1, **ours_overrides)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        # sd-scripts loads CLIP's tokenizer from the hub by name: give it a local hub cache with the tokenizer files
+        # built from open-clip's vocabulary (tests/webui/make_random_sd15.py), so nothing is downloaded
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "webui"))
+        import make_random_sd15
+
+        hub_home = root / "hf-home"
+        make_random_sd15.write_hub_cache(hub_home, make_random_sd15.find_bpe_file())
+        kohya_env = dict(env, HF_HOME=str(hub_home))
 
         def ours(overrides: dict, label: str) -> dict:
             config = base.with_overrides(job_dir=str(root / f"job-{label}"), **overrides)
@@ -270,7 +284,7 @@ def kohya_main(args: argparse.Namespace) -> None:
                        "--", *kohya_fine_tune_args(checkpoint, root / "data", metadata, root / f"out-{label}",
                                                    resolution=resolution, batch=batch, steps=steps,
                                                    learning_rate=base.learning_rate, setting=args.settings)]
-            return _side(command, out, env, cwd=Path(args.kohya))
+            return _side(command, out, kohya_env, cwd=Path(args.kohya))
 
         runs: dict[str, list[dict]] = {"ours": [], "kohya": [], "ours_low_memory": []}
         for repetition in range(args.repetitions):
