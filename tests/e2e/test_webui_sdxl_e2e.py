@@ -8,6 +8,8 @@ WebUI would download its SDXL preview model), then set:
 * ``GCFG_WEBUI_URL``: default ``http://127.0.0.1:7860``;
 * ``GCFG_E2E_SDXL_PRIOR``: a second SDXL checkpoint with other weights (e.g. ``sdxl-reduced-random-prior``);
 * ``GCFG_E2E_SD1``: an SD 1.x checkpoint in the list, for the family-mismatch refusals;
+* ``GCFG_E2E_SDXL_CONCEPT`` / ``GCFG_E2E_SD1_CONCEPT``: an SDXL concept model (e.g. two steps of
+  ``python -m trainer train`` from ``sdxl-reduced-random-prior``) and an SD 1.x one in ``models/GCFG``;
 * ``GCFG_E2E_SDXL_VPRED``: a v-prediction SDXL checkpoint with its ``v_pred``/``ztsnr`` marker keys and a
   v-prediction ``.yaml`` (the tests that switch to it run last).
 
@@ -34,6 +36,8 @@ URL = os.environ.get("GCFG_WEBUI_URL", "http://127.0.0.1:7860")
 PRIOR = os.environ.get("GCFG_E2E_SDXL_PRIOR", "")
 SD1 = os.environ.get("GCFG_E2E_SD1", "")
 VPRED = os.environ.get("GCFG_E2E_SDXL_VPRED", "")
+CONCEPT = os.environ.get("GCFG_E2E_SDXL_CONCEPT", "")  # an SDXL concept model in models/GCFG
+SD1_CONCEPT = os.environ.get("GCFG_E2E_SD1_CONCEPT", "")  # an SD 1.x concept model in models/GCFG
 BASE = {"prompt": "a cat", "negative_prompt": "", "steps": 3, "width": 64, "height": 64, "seed": 1,
         "cfg_scale": 5, "sampler_name": "Euler", "override_settings": {"live_previews_enable": False}}
 TOLERANCE = 1
@@ -114,6 +118,27 @@ def test_an_sd1_side_model_on_sdxl_is_a_422_naming_both(client, main_model, args
     detail = bad.json()["detail"]
     assert detail.startswith(f"GCFG {argument}:") and "SD 1.x" in detail and "SDXL" in detail
     assert SD1.split(".")[0] in detail and main_model.split(".")[0] in detail
+
+
+@pytest.mark.skipif(not CONCEPT, reason="GCFG_E2E_SDXL_CONCEPT not set")
+def test_an_sdxl_concept_model_guides_the_sdxl_main_model(client, main_model):
+    """A concept UNet trained from an SDXL base (null-text, pooled input and size embeddings fixed in the file)
+    adds its term to an SDXL generation; weight 0 runs nothing."""
+    off = ok(txt2img(client, [False]))
+    on = ok(txt2img(client, [{"enabled": True, "concept": CONCEPT, "concept_weight": 2.5}]))
+    assert max_difference(on, off) > 8
+    assert last_run(client)["passes"][0]["rows_per_call"] == {"webui": 2.0, "concept": 1.0}
+    assert json.loads(on["info"])["extra_generation_params"]["GCFG concept"] == CONCEPT
+    zero = ok(txt2img(client, [{"enabled": True, "concept": CONCEPT, "concept_weight": 0}]))
+    assert max_difference(zero, off) == 0 and last_run(client)["passes"] == []
+
+
+@pytest.mark.skipif(not SD1_CONCEPT, reason="GCFG_E2E_SD1_CONCEPT not set")
+def test_an_sd1_concept_model_on_sdxl_is_a_422_naming_both_families(client, main_model):
+    bad = txt2img(client, [{"enabled": True, "concept": SD1_CONCEPT}])
+    assert bad.status_code == 422, bad.text[:300]
+    detail = bad.json()["detail"]
+    assert detail.startswith("GCFG concept:") and "SD 1.x" in detail and "SDXL" in detail, detail
 
 
 def test_cost_of_the_prior_swap(client, main_model):
