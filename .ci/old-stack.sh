@@ -39,7 +39,8 @@ $venv/bin/python -m pytest -q -p no:cacheprovider \
   tests/test_concept_file.py tests/test_cli.py tests/test_fileio.py \
   tests/test_coefficients.py tests/test_parameterization.py tests/test_sdxl.py tests/test_sdxl_unet.py \
   tests/test_openclip.py \
-  tests/test_webui_glue.py tests/test_route_access.py tests/test_training_tab.py tests/test_jobs_api.py \
+  tests/test_webui_glue.py tests/test_forge_glue.py tests/test_route_access.py tests/test_training_tab.py \
+  tests/test_jobs_api.py \
   tests/test_install.py tests/test_import_boundaries.py \
   tests/test_jobfolder.py tests/test_job_scheduler.py tests/test_job_publisher.py tests/test_job_supervisor.py \
   tests/test_stopping.py tests/test_trainer_config.py \
