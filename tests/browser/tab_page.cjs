@@ -84,4 +84,21 @@ async function statusLine(page) {
     return { state: await box.getAttribute("data-state"), text: (await box.innerText()).trim() };
 }
 
-module.exports = { log, launch, fill, jobRow, waitForRow, watchErrors, checkSingleLine, statusLine };
+// Close the browser and list the errors `watchErrors` collected (they are reported, not fatal).
+async function closeAndReport(browser, errors) {
+    await browser.close();
+    log(`console and page errors: ${errors.length}`);
+    errors.forEach((e) => log("  " + e));
+}
+
+// Run a script's body; any failure prints FAILED with its stack and exits 1.
+function runScript(body) {
+    body().catch((error) => {
+        process.stderr.write(`FAILED: ${error.stack || error}\n`);
+        process.exit(1);
+    });
+}
+
+module.exports = {
+    log, launch, fill, jobRow, waitForRow, watchErrors, checkSingleLine, statusLine, closeAndReport, runScript,
+};

@@ -6,12 +6,12 @@
 // Env: CHROMIUM (default /usr/bin/chromium), TIMEOUT_MS (default 0: no limit).
 "use strict";
 
-const { log, launch, fill, watchErrors } = require("./tab_page.cjs");
+const { log, launch, fill, watchErrors, closeAndReport, runScript } = require("./tab_page.cjs");
 
 const [url, out, prior] = process.argv.slice(2);
 const timeout = Number(process.env.TIMEOUT_MS || 0);
 
-(async () => {
+runScript(async () => {
     const browser = await launch();
     const page = await browser.newPage({ viewport: { width: 1360, height: 1200 } });
     page.setDefaultTimeout(timeout);
@@ -48,10 +48,5 @@ const timeout = Number(process.env.TIMEOUT_MS || 0);
     await page.waitForTimeout(1500);
     await accordion.screenshot({ path: out });
     log("screenshot:", out);
-    await browser.close();
-    log(`console and page errors: ${errors.length}`);
-    errors.forEach((e) => log("  " + e));
-})().catch((error) => {
-    process.stderr.write(`FAILED: ${error.stack || error}\n`);
-    process.exit(1);
+    await closeAndReport(browser, errors);
 });

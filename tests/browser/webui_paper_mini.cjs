@@ -8,7 +8,7 @@
 // errors ("reading 'props'") from the WebUI 1.10.1's own dimension handlers, with or without this extension.
 "use strict";
 
-const { log, launch, fill, watchErrors } = require("./tab_page.cjs");
+const { log, launch, fill, watchErrors, closeAndReport, runScript } = require("./tab_page.cjs");
 
 const [url, out, weight = "2.5", cfg = "2.5", steps = "15"] = process.argv.slice(2);
 const timeout = Number(process.env.TIMEOUT_MS || 0);
@@ -26,7 +26,7 @@ async function setNumber(page, elemId, value) {
     await box.dispatchEvent("change");
 }
 
-(async () => {
+runScript(async () => {
     const browser = await launch();
     const page = await browser.newPage({ viewport: { width: 1360, height: 1100 } });
     page.setDefaultTimeout(timeout);
@@ -65,10 +65,5 @@ async function setNumber(page, elemId, value) {
     await page.locator("#txt2img_settings").first().evaluate((e) => e.scrollIntoView());
     await page.screenshot({ path: out, fullPage: false });
     log("screenshot:", out);
-    await browser.close();
-    log(`console and page errors: ${errors.length}`);
-    errors.forEach((e) => log("  " + e));
-})().catch((error) => {
-    process.stderr.write(`FAILED: ${error.stack || error}\n`);
-    process.exit(1);
+    await closeAndReport(browser, errors);
 });
