@@ -29,6 +29,7 @@ class Host:
     name: str
     adapter: ModuleType | None  # None: GCFG cannot guide on this host
     reason: str = ""  # why not, for the log, the accordion and the 422
+    caution: str = ""  # a supported host GCFG is not proven on: said at start and in the accordion
     # Samplers whose CFG scale the host rescales before combining (every GCFG weight follows it); A1111 applies
     # DDIM CFG++'s ÷12.5, Forge sets that multiplier but combines with the plain scale.
     cfg_multipliers: dict = field(default_factory=dict)
@@ -47,6 +48,9 @@ def _has_module(name: str) -> bool:
 
 FORGE_BACKEND = ("backend.sampling.sampling_function", "backend.patcher.unet", "backend.loader")
 NEO_MODULES = ("backend.diffusion_engine.wan", "backend.diffusion_engine.qwen")  # models only Forge Neo has
+NEO_CAUTION = ("GCFG's Forge adapter is not proven on Forge Neo; should Forge Neo sample without the UNet patcher "
+               "hooks GCFG uses, a generation with GCFG enabled stops with an error at its first step, never an "
+               "unguided image")
 CLASSIC_BACKEND = "ldm_patched.modules.samplers"
 CLASSIC_REASON = ("Forge Classic samples through its older ldm_patched backend, whose sampling hook and model "
                   "loader GCFG has no adapter for")
@@ -59,8 +63,9 @@ def detect() -> Host:
     if forge_family and all(_has_module(name) for name in FORGE_BACKEND):
         from gcfg_webui import forge
 
-        neo = any(_has_module(name) for name in NEO_MODULES)
-        return Host("Forge Neo" if neo else forge.NAME, forge)
+        if any(_has_module(name) for name in NEO_MODULES):
+            return Host("Forge Neo", forge, caution=NEO_CAUTION)
+        return Host(forge.NAME, forge)
     if forge_family and _has_module(CLASSIC_BACKEND):
         return Host("Forge Classic", None, CLASSIC_REASON)
     if forge_family:  # a Forge whose backend GCFG does not know: A1111's hooks would never be called there

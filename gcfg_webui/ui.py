@@ -126,6 +126,8 @@ def build(tabname: str, elem_id, prompt_component=None, cfg_component=None, nega
         if host is not None and not host.supported:
             gr.Markdown(f"⚠ GCFG cannot guide on {host.name}: {host.reason}. Requests with GCFG enabled are "
                         "refused.", elem_id=elem_id("host"))
+        elif host is not None and host.caution:
+            gr.Markdown(f"ℹ {host.caution}.", elem_id=elem_id("host"))
         # Laid out by row; returned in PARAMS order (the API's positional order) whatever the layout.
         by_row = sorted(PARAMS[1:], key=lambda param: param.row)
         for _row, params in itertools.groupby(by_row, key=lambda param: param.row):

@@ -21,6 +21,8 @@ TITLE = "GCFG"  # public API: alwayson_scripts {"GCFG": {"args": [...]}}
 HOST = hosts.detect()
 if not HOST.supported:
     logger.warning("GCFG: %s; requests that enable GCFG will be refused", HOST.reason)
+elif HOST.caution:
+    logger.warning("GCFG: %s", HOST.caution)
 
 
 class GCFGScript(scripts.Script):

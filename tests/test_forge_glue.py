@@ -122,7 +122,24 @@ def test_a_backend_with_forge_neos_models_is_named_forge_neo(forge, monkeypatch)
     found = {"backend.diffusion_engine.wan"}
     real = hosts._has_module
     monkeypatch.setattr(hosts, "_has_module", lambda name: name in found or real(name))
-    assert hosts.detect().name == "Forge Neo" and hosts.detect().supported
+    host = hosts.detect()
+    assert host.name == "Forge Neo" and host.supported
+    assert "not proven on Forge Neo" in host.caution and "stops with an error" in host.caution
+
+
+def test_the_accordion_says_what_is_unproven_on_forge_neo(forge, monkeypatch):
+    import gradio as gr
+
+    from gcfg_webui import hosts, ui
+
+    found = {"backend.diffusion_engine.wan"}
+    real = hosts._has_module
+    monkeypatch.setattr(hosts, "_has_module", lambda name: name in found or real(name))
+    forge.script.tabname = "txt2img"
+    with gr.Blocks() as blocks:
+        ui.build("txt2img", forge.script.elem_id, host=hosts.detect())
+    lines = [block.value for block in blocks.blocks.values() if isinstance(block, gr.Markdown)]
+    assert any("not proven on Forge Neo" in line and "never an unguided image" in line for line in lines)
 
 
 def test_forge_classic_is_refused_naming_the_host_and_what_is_missing(forge, monkeypatch):
