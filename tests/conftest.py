@@ -16,6 +16,11 @@ if str(REPO_ROOT) not in sys.path:
 
 import pytest  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fake_hosts  # noqa: E402
+
+fake_hosts.install()  # the fake hosts' packages, for the tests that put a fake host on sys.path
+
 from gcfg_core.configs import TINY  # noqa: E402
 from gcfg_core.models import SDModel, random_sd_model, save_sd_checkpoint  # noqa: E402
 

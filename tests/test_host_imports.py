@@ -39,7 +39,9 @@ def run_without(lacks: tuple[str, ...], body: str, path: tuple[Path, ...] = ()) 
                     raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
                 return None
         sys.meta_path.insert(0, Lacking())
-        sys.path[:0] = {[str(item) for item in (*path, ROOT)]!r}
+        sys.path[:0] = {[str(item) for item in (*path, ROOT, ROOT / "tests")]!r}
+        import fake_hosts
+        fake_hosts.install()
         """)
     return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(body)], cwd=ROOT, capture_output=True,
                           text=True)

@@ -21,6 +21,11 @@ def enable() -> None:
     for path in (str(FORGE_ROOT), str(REPO_ROOT)):
         if path not in sys.path:
             sys.path.insert(0, path)
+    if str(FORGE_ROOT.parent) not in sys.path:
+        sys.path.append(str(FORGE_ROOT.parent))
+    import fake_hosts  # finds the fake `modules`, `backend` and `modules_forge` packages in this folder
+
+    fake_hosts.install()
     loaded = sys.modules.get("modules")
     if loaded is not None and not str(getattr(loaded, "__file__", "")).startswith(str(FORGE_ROOT)):
         raise RuntimeError("another `modules` package is already imported")

@@ -14,9 +14,19 @@ def enable_fake_modules() -> None:
     for path in (str(FAKE_ROOT), str(REPO_ROOT)):
         if path not in sys.path:
             sys.path.insert(0, path)
+    install_fake_host_finder()
     loaded = sys.modules.get("modules")
     if loaded is not None and not str(getattr(loaded, "__file__", "")).startswith(str(FAKE_ROOT)):
         raise RuntimeError("a real WebUI `modules` package is already imported")
+
+
+def install_fake_host_finder() -> None:
+    """`tests/fake_hosts.py`'s import hook, which finds the fake `modules` package in this folder."""
+    if str(FAKE_ROOT.parent) not in sys.path:
+        sys.path.append(str(FAKE_ROOT.parent))
+    import fake_hosts
+
+    fake_hosts.install()
 
 
 def load_script_module():

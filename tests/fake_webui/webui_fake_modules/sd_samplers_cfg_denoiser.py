@@ -6,7 +6,6 @@ when it is off, and with different lengths (no padding option) cond slices plus 
 """
 
 import torch
-
 from modules import prompt_parser, sd_samplers_common, shared
 from modules.script_callbacks import CFGDenoisedParams, CFGDenoiserParams, cfg_denoised_callback, cfg_denoiser_callback
 

@@ -1,7 +1,6 @@
 """Sampler base and the refiner switch (webui-internals §3.1, §3.3 step 2), reduced to what the glue meets."""
 
 import torch
-
 from modules import shared
 
 

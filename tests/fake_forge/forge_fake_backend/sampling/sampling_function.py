@@ -14,7 +14,6 @@ their strengths as weights. Every batched call is recorded in `calls`.
 import math
 
 import torch
-
 from backend import memory_management
 from backend.sampling.condition import Condition, compile_conditions, compile_weighted_conditions
 

@@ -1,20 +1,32 @@
-"""k-diffusion samplers: the inner model is `CompVisDenoiser(sd_model)`, outputs are denoised x0 (§3.1-3.2).
-
-The sampling functions are k-diffusion's own (`sample_euler`, `sample_heun`: a second-order sampler whose
-corrector evaluates at the next σ), driven with the schedule `get_sigmas` returns, as the WebUI does.
-"""
+"""Forge's k-diffusion sampler: the schedule comes from the model's predictor, `sampling_prepare` runs before
+sampling (memory management loads the UNet patcher and its extra patchers)."""
 
 import inspect
 
-from gcfg_core.kdiff import k_diffusion_modules
+from backend.sampling.sampling_function import sampling_cleanup, sampling_prepare
 from modules import sd_samplers_cfg_denoiser, sd_samplers_common, shared
+
+from gcfg_core.kdiff import k_diffusion_modules
+
+
+class ScheduleLinker:
+    def __init__(self, model):
+        self.inner_model = model
+        self.predictor = model.forge_objects.unet.model.predictor
+
+    @property
+    def sigmas(self):
+        return self.predictor.sigmas
+
+    def get_sigmas(self, n):
+        return self.predictor.get_sigmas(n)
 
 
 class CFGDenoiserKDiffusion(sd_samplers_cfg_denoiser.CFGDenoiser):
     @property
     def inner_model(self):
         if self.model_wrap is None:
-            self.model_wrap = k_diffusion_modules()[1].CompVisDenoiser(shared.sd_model)
+            self.model_wrap = ScheduleLinker(shared.sd_model)
         return self.model_wrap
 
 
@@ -35,17 +47,25 @@ class KDiffusionSampler(sd_samplers_common.Sampler):
                                                              **kwargs))
 
     def sample(self, p, x, conditioning, unconditional, steps=None, image_conditioning=None):
+        unet = shared.sd_model.forge_objects.unet
+        sampling_prepare(unet, x)
         steps = steps or p.steps
         sigmas = self.get_sigmas(p, steps)
         self.initialize(p)
         extra = self.extra_args(p, conditioning, unconditional, image_conditioning)
-        return self._launch(steps, x * sigmas[0], sigmas, extra)
+        samples = self._launch(steps, x * sigmas[0], sigmas, extra)
+        sampling_cleanup(unet)
+        return samples
 
     def sample_img2img(self, p, x, noise, conditioning, unconditional, steps=None, image_conditioning=None):
+        unet = shared.sd_model.forge_objects.unet
+        sampling_prepare(unet, x)
         steps, t_enc = sd_samplers_common.setup_img2img_steps(p, steps)
         sigmas = self.get_sigmas(p, steps)
         sigma_sched = sigmas[steps - t_enc - 1:]
         self.initialize(p)
         self.model_wrap_cfg.init_latent = x
         extra = self.extra_args(p, conditioning, unconditional, image_conditioning)
-        return self._launch(t_enc + 1, x + noise * sigma_sched[0], sigma_sched, extra)
+        samples = self._launch(t_enc + 1, x + noise * sigma_sched[0], sigma_sched, extra)
+        sampling_cleanup(unet)
+        return samples

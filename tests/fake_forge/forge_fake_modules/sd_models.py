@@ -2,7 +2,6 @@
 `send_model_to_device` does nothing (Forge loads models when sampling starts)."""
 
 from backend import memory_management
-
 from modules import _a1111
 
 _registry = _a1111.load("sd_models")

@@ -1,13 +1,9 @@
-"""Timesteps samplers: the inner model returns eps and "sigma" is the timestep (§3.1-3.2, §3.6).
-
-DDIM and DDIM CFG++ follow `sd_samplers_timesteps_impl.py` of WebUI 1.10: the timesteps come from
-`get_timesteps` (``range(0, 1000, 1000 // steps) + 1``, ascending), the loop evaluates ``len(timesteps) − 1`` of
-them from the highest down, and CFG++ divides the CFG scale by 12.5 (`cond_scale_miltiplier`) and renoises
-with the uncond prediction the denoiser stored (`last_noise_uncond`).
-"""
+"""Forge's timesteps samplers (DDIM, DDIM CFG++): the denoiser gets a timestep and returns ε
+(`classic_ddim_eps_estimation`); ᾱ is derived from the predictor's σ; CFG++ sets the CFG multiplier, which Forge
+never applies, and renoises with the uncond prediction the denoiser stores."""
 
 import torch
-
+from backend.sampling.sampling_function import sampling_cleanup, sampling_prepare
 from modules import sd_samplers_cfg_denoiser, sd_samplers_common, shared
 
 
@@ -15,15 +11,13 @@ class CompVisTimestepsDenoiser(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.inner_model = model
-
-    def forward(self, input, timesteps, **kwargs):
-        return self.inner_model.apply_model(input, timesteps, **kwargs)
+        self.inner_model.alphas_cumprod = 1.0 / (model.forge_objects.unet.model.predictor.sigmas ** 2 + 1.0)
 
 
 class CFGDenoiserTimesteps(sd_samplers_cfg_denoiser.CFGDenoiser):
     def __init__(self, sampler):
         super().__init__(sampler)
-        self.mask_before_denoising = True
+        self.classic_ddim_eps_estimation = True
 
     @property
     def inner_model(self):
@@ -47,7 +41,7 @@ def ddim(model, x, timesteps, extra_args=None, cfg_plus_plus=False):
         direction = model.last_noise_uncond if cfg_plus_plus else e_t
         a_t, a_prev = alphas[index].item(), alphas_prev[index].item()
         pred_x0 = (x - (1 - a_t) ** 0.5 * e_t) / a_t ** 0.5
-        x = a_prev ** 0.5 * pred_x0 + (1 - a_prev) ** 0.5 * direction
+        x = (a_prev ** 0.5 * pred_x0 + (1 - a_prev) ** 0.5 * direction).float()
     return x
 
 
@@ -62,8 +56,13 @@ class CompVisSampler(sd_samplers_common.Sampler):
         return torch.clip(torch.asarray(list(range(0, 1000, 1000 // steps))) + 1, 0, 999)
 
     def sample(self, p, x, conditioning, unconditional, steps=None, image_conditioning=None):
+        unet = shared.sd_model.forge_objects.unet
+        sampling_prepare(unet, x)
         steps = steps or p.steps
         timesteps = self.get_timesteps(p, steps)
         self.initialize(p)
         extra = self.extra_args(p, conditioning, unconditional, image_conditioning)
-        return self.launch_sampling(steps, lambda: ddim(self.model_wrap_cfg, x, timesteps, extra, self.cfg_plus_plus))
+        samples = self.launch_sampling(steps, lambda: ddim(self.model_wrap_cfg, x, timesteps, extra,
+                                                           self.cfg_plus_plus))
+        sampling_cleanup(unet)
+        return samples

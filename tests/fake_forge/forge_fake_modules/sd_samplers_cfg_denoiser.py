@@ -6,7 +6,6 @@ steps, and hands everything to `backend.sampling.sampling_function` (no `combine
 
 import torch
 from backend.sampling.sampling_function import sampling_function
-
 from modules import prompt_parser, sd_samplers_common, shared
 from modules.script_callbacks import CFGDenoiserParams, cfg_denoiser_callback
 

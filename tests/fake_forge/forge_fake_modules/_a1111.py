@@ -5,7 +5,7 @@ import os
 import sys
 
 _ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "fake_webui",
-                     "modules")
+                     "webui_fake_modules")
 
 
 def load(name):

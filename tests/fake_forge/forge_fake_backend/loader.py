@@ -2,7 +2,6 @@
 KModel, its own text engine, a VAE). The fake reads SD 1.x checkpoints with `gcfg_core` and records every load."""
 
 import torch
-
 from backend import memory_management
 
 loads: list = []  # paths, in order
