@@ -25,13 +25,11 @@ import json
 import os
 
 import pytest
-from waiting import BACKSTOP_S
-from webui_responses import max_difference, ok, pixels
+from webui_responses import api_client, max_difference, ok, pixels
 
 URL = os.environ.get("GCFG_WEBUI_URL_CN", "")
 pytestmark = [pytest.mark.webui,
               pytest.mark.skipif(not URL, reason="needs a WebUI with ControlNet (GCFG_WEBUI_URL_CN)")]
-API_AUTH = os.environ.get("GCFG_E2E_API_AUTH", "")
 BASE = {"prompt": "a cat", "negative_prompt": "", "steps": 3, "width": 64, "height": 64, "seed": 1,
         "cfg_scale": 5, "sampler_name": "Euler"}
 HIRES = {"batch_size": 2, "n_iter": 2, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent",
@@ -43,9 +41,7 @@ TOLERANCE = 1
 
 @pytest.fixture(scope="module")
 def client():
-    httpx = pytest.importorskip("httpx")
-    auth = tuple(API_AUTH.split(":", 1)) if API_AUTH else None
-    with httpx.Client(base_url=URL, timeout=BACKSTOP_S, auth=auth) as session:
+    with api_client(URL) as session:  # this suite's own host (GCFG_WEBUI_URL_CN)
         yield session
 
 

@@ -32,7 +32,7 @@ import os
 import pytest
 from waiting import BACKSTOP_S
 from webui_host import A1111, FORGE, FORGE_CLASSIC, HOST, ON_FORGE, left_out_on_forge, only_on
-from webui_responses import max_difference, ok, pixels
+from webui_responses import API_AUTH, api_client, max_difference, ok, pixels
 
 pytestmark = [pytest.mark.webui, pytest.mark.skipif(not os.environ.get("GCFG_WEBUI_DIR"),
                                                     reason="needs a real WebUI (GCFG_WEBUI_DIR)")]
@@ -40,7 +40,6 @@ if HOST == FORGE_CLASSIC:
     pytestmark.append(pytest.mark.skip(reason="GCFG refuses on Forge Classic (test_webui_refusing_host_e2e.py)"))
 URL = os.environ.get("GCFG_WEBUI_URL", "http://127.0.0.1:7860")
 PRIOR = os.environ.get("GCFG_E2E_PRIOR", "")
-API_AUTH = os.environ.get("GCFG_E2E_API_AUTH", "")
 INPAINT = os.environ.get("GCFG_E2E_INPAINT", "")
 BASE = {"prompt": "a cat", "negative_prompt": "", "steps": 3, "width": 64, "height": 64, "seed": 1,
         "cfg_scale": 5, "sampler_name": "Euler"}
@@ -53,14 +52,6 @@ if ON_FORGE:
 # A pixel may differ by 1/255 where float rounding differs between the WebUI's UNet call and ours.
 TOLERANCE = 1
 needs_prior = pytest.mark.skipif(not PRIOR, reason="GCFG_E2E_PRIOR not set")
-
-
-@pytest.fixture(scope="module")
-def client():
-    httpx = pytest.importorskip("httpx")
-    auth = tuple(API_AUTH.split(":", 1)) if API_AUTH else None
-    with httpx.Client(base_url=URL, timeout=BACKSTOP_S, auth=auth) as session:
-        yield session
 
 
 @pytest.fixture(scope="module")
@@ -351,9 +342,7 @@ def test_infotext_reproduces_the_image_over_the_api(client):
     if ON_FORGE:
         # a connection of its own: the server drops the connection after that unhandled error, and the shared
         # client's next request would be reset
-        import httpx
-
-        with httpx.Client(base_url=URL, timeout=BACKSTOP_S, auth=client.auth) as probe:
+        with api_client(URL) as probe:
             bare = probe.post("/sdapi/v1/txt2img", json={"infotext": "a cat\nSteps: 3, Sampler: Euler, CFG scale: 5, "
                                                                      "Seed: 1, Size: 64x64"})
         if bare.status_code == 500 and "parameterized generic" in bare.text:

@@ -23,28 +23,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from waiting import BACKSTOP_S
 from webui_responses import ok, pixels
 
 MODELS = os.environ.get("GCFG_E2E_PAPER_MINI", "")
 pytestmark = [pytest.mark.webui,
               pytest.mark.skipif(not os.environ.get("GCFG_WEBUI_DIR"), reason="needs a real WebUI (GCFG_WEBUI_DIR)"),
               pytest.mark.skipif(not MODELS, reason="needs the paper-mini models (GCFG_E2E_PAPER_MINI)")]
-URL = os.environ.get("GCFG_WEBUI_URL", "http://127.0.0.1:7860")
-API_AUTH = os.environ.get("GCFG_E2E_API_AUTH", "")
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 PROMPT = "a blue ring on a white background"
 CONCEPT = "paper-mini-rings.safetensors"
 REQUEST = {"prompt": PROMPT, "negative_prompt": "", "steps": 10, "width": 64, "height": 64, "seed": 7,
            "cfg_scale": 2.5, "sampler_name": "Euler", "batch_size": 4}
-
-
-@pytest.fixture(scope="module")
-def client():
-    httpx = pytest.importorskip("httpx")
-    auth = tuple(API_AUTH.split(":", 1)) if API_AUTH else None
-    with httpx.Client(base_url=URL, timeout=BACKSTOP_S, auth=auth) as session:
-        yield session
 
 
 @pytest.fixture(scope="module")

@@ -8,23 +8,14 @@ from __future__ import annotations
 import os
 
 import pytest
-from waiting import BACKSTOP_S
 from webui_host import FORGE_CLASSIC, HOST
 from webui_responses import max_difference, ok
 
 pytestmark = [pytest.mark.webui, pytest.mark.skipif(HOST != FORGE_CLASSIC or not os.environ.get("GCFG_WEBUI_DIR"),
                                                     reason=f"needs a real Forge Classic (host: {HOST})")]
-URL = os.environ.get("GCFG_WEBUI_URL", "http://127.0.0.1:7860")
 PRIOR = os.environ.get("GCFG_E2E_PRIOR", "")
 BASE = {"prompt": "a cat", "negative_prompt": "", "steps": 3, "width": 64, "height": 64, "seed": 1,
         "cfg_scale": 5, "sampler_name": "Euler"}
-
-
-@pytest.fixture(scope="module")
-def client():
-    httpx = pytest.importorskip("httpx")
-    with httpx.Client(base_url=URL, timeout=BACKSTOP_S) as session:
-        yield session
 
 
 def txt2img(client, gcfg_args, **overrides):

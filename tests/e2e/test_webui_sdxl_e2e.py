@@ -26,13 +26,11 @@ import os
 import time
 
 import pytest
-from waiting import BACKSTOP_S
 from webui_responses import max_difference, ok
 
 pytestmark = [pytest.mark.webui, pytest.mark.skipif(
     not (os.environ.get("GCFG_WEBUI_DIR") and os.environ.get("GCFG_E2E_SDXL")),
     reason="needs a real WebUI with an SDXL main model (GCFG_WEBUI_DIR, GCFG_E2E_SDXL)")]
-URL = os.environ.get("GCFG_WEBUI_URL", "http://127.0.0.1:7860")
 PRIOR = os.environ.get("GCFG_E2E_SDXL_PRIOR", "")
 SD1 = os.environ.get("GCFG_E2E_SD1", "")
 VPRED = os.environ.get("GCFG_E2E_SDXL_VPRED", "")
@@ -41,13 +39,6 @@ SD1_CONCEPT = os.environ.get("GCFG_E2E_SD1_CONCEPT", "")  # an SD 1.x concept mo
 BASE = {"prompt": "a cat", "negative_prompt": "", "steps": 3, "width": 64, "height": 64, "seed": 1,
         "cfg_scale": 5, "sampler_name": "Euler", "override_settings": {"live_previews_enable": False}}
 TOLERANCE = 1
-
-
-@pytest.fixture(scope="module")
-def client():
-    httpx = pytest.importorskip("httpx")
-    with httpx.Client(base_url=URL, timeout=BACKSTOP_S) as session:
-        yield session
 
 
 def txt2img(client, gcfg_args=None, **overrides):

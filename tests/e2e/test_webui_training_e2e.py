@@ -16,7 +16,7 @@ import os
 import time
 
 import pytest
-from waiting import BACKSTOP_S, wait_until
+from waiting import wait_until
 from webui_host import FORGE, FORGE_CLASSIC, HOST
 from webui_responses import ok
 
@@ -24,7 +24,6 @@ pytestmark = [pytest.mark.webui, pytest.mark.skipif(
     not (os.environ.get("GCFG_WEBUI_DIR") and os.environ.get("GCFG_E2E_DATASET")
          and os.environ.get("GCFG_E2E_TRAIN_BASE")),
     reason="needs a real WebUI (GCFG_WEBUI_DIR), GCFG_E2E_DATASET and GCFG_E2E_TRAIN_BASE")]
-URL = os.environ.get("GCFG_WEBUI_URL", "http://127.0.0.1:7860")
 BASE = {"prompt": "a cat", "negative_prompt": "", "steps": 3, "width": 64, "height": 64, "seed": 1,
         "cfg_scale": 5, "sampler_name": "Euler"}
 # Forge guides with concept UNets of the main model's architecture only; a reduced-width base (quick to train on a
@@ -33,15 +32,6 @@ BASE_FITS_MAIN = HOST != FORGE or os.environ.get("GCFG_E2E_TRAIN_BASE_FITS") == 
 FAILURES = {"failed", "cancelled", "interrupted"}
 
 
-API_AUTH = os.environ.get("GCFG_E2E_API_AUTH", "")  # user:password of a WebUI started with --api-auth
-
-
-@pytest.fixture(scope="module")
-def client():
-    httpx = pytest.importorskip("httpx")
-    auth = tuple(API_AUTH.split(":", 1)) if API_AUTH else None
-    with httpx.Client(base_url=URL, timeout=BACKSTOP_S, auth=auth) as session:
-        yield session
 
 
 def txt2img(client, gcfg_args):

@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import os
 
 import pytest
+from waiting import BACKSTOP_S
+
+API_AUTH = os.environ.get("GCFG_E2E_API_AUTH", "")  # user:password of a host started with --api-auth
+
+
+@contextlib.contextmanager
+def api_client(url: str):
+    """An HTTP client of the host at `url`, with the `GCFG_E2E_API_AUTH` credentials when they are set."""
+    httpx = pytest.importorskip("httpx")
+    auth = tuple(API_AUTH.split(":", 1)) if API_AUTH else None
+    with httpx.Client(base_url=url, timeout=BACKSTOP_S, auth=auth) as session:
+        yield session
 
 
 def ok(response):
