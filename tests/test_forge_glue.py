@@ -458,6 +458,35 @@ def test_a_backend_that_samples_without_gcfgs_hooks_raises_instead_of_an_unguide
     assert off is not None
 
 
+def test_gcfgs_denoiser_wrappers_keep_another_extensions_wrapper_and_put_it_back(forge):
+    from gcfg_webui.forge import install
+
+    class Denoiser(torch.nn.Module):
+        def forward(self, x):
+            return x + 1
+
+    denoiser, seen = Denoiser(), []
+
+    def theirs(x):  # another extension's wrapper on the instance
+        seen.append(float(x))
+        return x * 2
+
+    denoiser.forward = theirs
+    install.install_call_check(denoiser, SimpleNamespace(controller=None))  # no pass attached: nothing to check
+    assert float(denoiser(torch.tensor(3.0))) == 6.0 and seen == [3.0]
+    install.remove_failure(denoiser)
+    assert denoiser.__dict__["forward"] is theirs
+    install.install_failure(denoiser, ValueError("bad input"))
+    with pytest.raises(ValueError, match="bad input"):
+        denoiser(torch.tensor(1.0))
+    install.remove_failure(denoiser)
+    assert denoiser.__dict__["forward"] is theirs
+    del denoiser.forward
+    install.install_failure(denoiser, ValueError("bad input"))
+    install.remove_failure(denoiser)
+    assert "forward" not in denoiser.__dict__ and float(denoiser(torch.tensor(1.0))) == 2.0
+
+
 def test_a_refiner_switch_is_refused_before_sampling(forge):
     from gcfg_webui.errors import GCFGRequestError
 

@@ -79,14 +79,27 @@ def install(unet, controller: PassController, side_patchers) -> _Holder:
     return holder
 
 
+def _wrap_forward(denoiser, wrap) -> None:
+    """Put `wrap(inner)` on the denoiser instance as its forward; another extension's instance wrapper found there is
+    its `inner` and comes back with `remove_failure`."""
+    remove_failure(denoiser)
+    foreign = denoiser.__dict__.get("forward")
+    forward = mark_ours(wrap(foreign if foreign is not None else type(denoiser).forward.__get__(denoiser)))
+    forward.gcfg_below = foreign
+    denoiser.forward = forward
+
+
 def install_failure(denoiser, error: Exception) -> None:
     """Make the sampler's first denoiser call raise `error`: Forge swallows exceptions raised in script hooks, but
     not in the sampling path."""
 
-    def forward(*args, **kwargs):
-        raise error
+    def wrap(_inner):
+        def forward(*args, **kwargs):
+            raise error
 
-    denoiser.forward = mark_ours(forward)
+        return forward
+
+    _wrap_forward(denoiser, wrap)
 
 
 def hooks_not_called_error() -> GCFGRequestError:
@@ -103,20 +116,29 @@ def install_call_check(denoiser, holder: _Holder) -> None:
     was not proven on) would otherwise sample an unguided image without a word; this way the first such step
     raises, in the sampling path, where Forge does not swallow it.
     """
-    inner = type(denoiser).forward.__get__(denoiser)
 
-    def forward(*args, **kwargs):
-        controller = holder.controller
-        calls_before = None if controller is None else controller.stats.calls
-        result = inner(*args, **kwargs)
-        if controller is not None and holder.controller is controller and controller.stats.calls == calls_before:
-            raise hooks_not_called_error()
-        return result
+    def wrap(inner):
+        def forward(*args, **kwargs):
+            controller = holder.controller
+            calls_before = None if controller is None else controller.stats.calls
+            result = inner(*args, **kwargs)
+            if controller is not None and holder.controller is controller and controller.stats.calls == calls_before:
+                raise hooks_not_called_error()
+            return result
 
-    denoiser.forward = mark_ours(forward)
+        return forward
+
+    _wrap_forward(denoiser, wrap)
 
 
 def remove_failure(denoiser) -> None:
-    """Take off what `install_failure` or `install_call_check` put on the denoiser (nobody else's forward)."""
-    if is_ours(denoiser.__dict__.get("forward")):
+    """Take off what `install_failure` or `install_call_check` put on the denoiser; a wrapper of another
+    extension's that the check was put over comes back."""
+    ours = denoiser.__dict__.get("forward")
+    if not is_ours(ours):
+        return
+    below = getattr(ours, "gcfg_below", None)
+    if below is None:
         del denoiser.__dict__["forward"]
+    else:
+        denoiser.forward = below
